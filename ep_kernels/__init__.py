@@ -1,0 +1,1 @@
+from ._backend import use_backend, available_backends, backend_for
