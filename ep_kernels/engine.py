@@ -1,0 +1,246 @@
+"""The EP algorithm, in one place: relaxation phases, the EP gradient, and BPTT.
+
+Notation as in DESIGN.md section 2. ``layers[l]`` is the synapse from ``s_l`` (``s_0 = x``)
+to ``s_{l+1}``; ``states[l]`` is ``s_{l+1}``. A step is synchronous: every layer's drive,
+top-down and nudge are computed from the same old states, then all states are written.
+
+Everything here except :func:`bptt` runs under ``torch.no_grad`` and through
+``ep_kernels.ops``, so the backend (reference or compiled) is chosen by ``_backend``.
+"""
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from . import ops
+
+ACTIVATION_GAIN = {"hardsigmoid": 1.0, "hardsigmoid_half": 0.5}
+NUDGING = ("symmetric", "one-sided", "random-sign")
+
+
+class RelaxationDiverged(FloatingPointError):
+    """A state became NaN during relaxation (too large weights, learning rate, or beta)."""
+
+
+@dataclass
+class PhaseReport:
+    """How a phase ended: steps taken and each layer's last max |s_t - s_{t-1}|."""
+    steps: int
+    residual: list
+    converged: bool = False
+
+    def as_dict(self):
+        return {"steps": self.steps, "residual": self.residual, "converged": self.converged}
+
+
+@dataclass
+class EPResult:
+    loss: torch.Tensor
+    logits: torch.Tensor
+    diagnostics: dict = field(default_factory=dict)
+
+
+class Plan:
+    """Shapes of one network for one input shape, and the state buffers for it.
+
+    Built once per (input shape, dtype, device) and cached by the network, so relaxation
+    allocates its states once, not per step: each layer has two buffers, swapped each step.
+    """
+
+    def __init__(self, layers, x_shape, dtype, device):
+        self.x_shape = tuple(x_shape)
+        self.state_shapes = []  # per-example shapes, s_1 .. s_L
+        in_shape = tuple(x_shape[1:])
+        self.in_shapes = []
+        for i, layer in enumerate(layers):
+            self.in_shapes.append(in_shape)
+            try:
+                in_shape = tuple(layer.state_shape(in_shape))
+            except ValueError as e:
+                raise ValueError(f"layer {i} ({type(layer).__name__}): {e}") from None
+            self.state_shapes.append(in_shape)
+        self.dtype, self.device = dtype, device
+        self._buffers = {}
+
+    def buffers(self, batch):
+        """Two zeroed-once buffer sets for a batch size (the nudged phases use 2N)."""
+        if batch not in self._buffers:
+            self._buffers[batch] = [
+                [torch.zeros((batch,) + s, dtype=self.dtype, device=self.device) for s in self.state_shapes]
+                for _ in range(2)
+            ]
+        return self._buffers[batch]
+
+
+def output_nudge(mode, readout, s_last, y, beta):
+    """``-beta * dC_n/ds_L`` per example; ``beta`` is a float or an (N,) tensor."""
+    if mode == "ce":
+        logits = readout(s_last.flatten(1))
+        err = torch.softmax(logits, dim=1)
+        err[torch.arange(y.shape[0], device=y.device), y] -= 1.0
+        g = (err @ readout.weight).view_as(s_last)
+    else:
+        g = s_last - F.one_hot(y, s_last[0].numel()).to(s_last.dtype).view_as(s_last)
+    if isinstance(beta, torch.Tensor):
+        beta = beta.view((-1,) + (1,) * (g.dim() - 1))
+    return g.mul_(-beta)
+
+
+def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, tol=None, check_every=10,
+          spare=None, phase="free"):
+    """Run ``steps`` synchronous updates from ``states``; returns (states, PhaseReport).
+
+    ``states`` and ``spare`` are lists of same-shaped buffers; the result is in one of them.
+    ``first_drive`` (the constant drive of layer 0 for the clamped ``x``) is computed once
+    here when not given. With ``tol`` the phase stops once every layer's max change is
+    below it (tested every ``check_every`` steps: a host sync each time).
+    """
+    L = len(layers)
+    if first_drive is None:
+        first_drive = layers[0].drive(x)
+    if spare is None:
+        spare = [torch.empty_like(s) for s in states]
+    shapes = [tuple(x.shape[1:])] + [tuple(s.shape[1:]) for s in states[:-1]]
+    changes = [None] * L
+    converged = False
+    t = 0
+    for t in range(1, steps + 1):
+        drives = [first_drive] + [layers[l].drive(states[l - 1]) for l in range(1, L)]
+        nudge = nudge_fn(states[-1]) if nudge_fn is not None else None
+        for l in range(L):
+            top = None
+            if l + 1 < L:
+                top = layers[l + 1].top_down(states[l + 1], drives[l + 1][1], shapes[l + 1])
+            changes[l] = ops.state_update(drives[l][0], top, nudge if l == L - 1 else None, states[l], gain,
+                                          spare[l])
+        states, spare = spare, states
+        if t % check_every == 0 or t == steps:
+            res = torch.stack(changes).tolist()
+            for l, r in enumerate(res):
+                if math.isnan(r):
+                    raise RelaxationDiverged(
+                        f"{phase} phase: state of layer {l} became NaN at step {t}; check the input, "
+                        "the weights and beta (a learning rate too large often causes this)")
+            if tol is not None and max(res) < tol:
+                converged = True
+                break
+    res = torch.stack(changes).tolist() if steps > 0 else [0.0] * L
+    return states, PhaseReport(steps=t if steps > 0 else 0, residual=res, converged=converged)
+
+
+def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=None):
+    """T steps at beta = 0 from zero states. Returns (s*, report); s* lives in the plan's
+    buffers, so copy it before the next phase of the same batch size if you keep it."""
+    bufs, spare = plan.buffers(x.shape[0])
+    for b in bufs:
+        b.zero_()
+    return relax(layers, x, bufs, T, gain, first_drive=first_drive, tol=tol, check_every=check_every,
+                 spare=spare, phase="free")
+
+
+def nudged_phase(layers, plan, mode, readout, x, y, s_star, betas, T, gain, tol=None, check_every=10,
+                 first_drive=None):
+    """T steps from ``s_star`` with per-example nudging strengths ``betas`` (an (N,) tensor)."""
+    bufs, spare = plan.buffers(x.shape[0])
+    for b, s in zip(bufs, s_star):
+        b.copy_(s)
+    return relax(layers, x, bufs, T, gain, first_drive=first_drive, tol=tol, check_every=check_every,
+                 spare=spare, phase="nudged",
+                 nudge_fn=lambda s_last: output_nudge(mode, readout, s_last, y, betas))
+
+
+def cost(mode, readout, s_last, y):
+    """Mean over the batch of the output cost and the logits (CE) or output state (MSE)."""
+    if mode == "ce":
+        logits = readout(s_last.flatten(1))
+        return F.cross_entropy(logits, y), logits
+    out = s_last.flatten(1)
+    return 0.5 * (out - F.one_hot(y, out.shape[1]).to(out.dtype)).pow(2).sum(1).mean(), out
+
+
+def contrastive_update(layers, x, states_a, states_b, x_b, scale):
+    """``scale * (dPhi/dtheta(a) - dPhi/dtheta(b))`` into every synapse's ``.grad``.
+
+    The argmax positions are those of each state itself (recomputed here, one drive pass).
+    """
+    ins_a, ins_b = [x] + list(states_a[:-1]), [x_b] + list(states_b[:-1])
+    for l, layer in enumerate(layers):
+        idx_a = layer.drive(ins_a[l])[1]
+        idx_b = layer.drive(ins_b[l])[1]
+        layer.accumulate_contrastive_grad(ins_a[l], states_a[l], idx_a, ins_b[l], states_b[l], idx_b, scale)
+
+
+def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10):
+    """Free phase, nudged phase(s), EP gradient into ``.grad``. See DESIGN.md section 2."""
+    layers, mode, readout, gain = net.layers, net.mode, net.readout, ACTIVATION_GAIN[net.activation]
+    plan = net._plan(x)
+    n = x.shape[0]
+    with torch.no_grad():
+        first = layers[0].drive(x)
+        s_free, free_rep = free_phase(layers, plan, x, T1, gain, tol, check_every, first_drive=first)
+        s_star = [s.clone() for s in s_free]
+        if nudging == "symmetric":
+            # +beta and -beta are independent: one phase on a batch of 2N.
+            x2 = torch.cat([x, x])
+            first2 = (torch.cat([first[0], first[0]]),
+                      torch.cat([first[1], first[1]]) if first[1] is not None else None)
+            betas = torch.cat([torch.full((n,), beta), torch.full((n,), -beta)]).to(x.dtype).to(x.device)
+            s2 = [torch.cat([s, s]) for s in s_star]
+            s_nud, nud_rep = nudged_phase(layers, plan, mode, readout, x2, torch.cat([y, y]), s2, betas, T2, gain,
+                                          tol, check_every, first_drive=first2)
+            s_plus = [s[:n] for s in s_nud]
+            s_minus = [s[n:] for s in s_nud]
+            contrastive_update(layers, x, s_plus, s_minus, x, -1.0 / (2.0 * beta * n))
+            readout_states = (s_plus, s_minus)
+        else:
+            b = beta
+            if nudging == "random-sign":
+                b = beta if torch.randint(0, 2, (1,)).item() == 1 else -beta
+            betas = torch.full((n,), b, dtype=x.dtype, device=x.device)
+            s_nud, nud_rep = nudged_phase(layers, plan, mode, readout, x, y, s_star, betas, T2, gain, tol,
+                                          check_every, first_drive=first)
+            s_plus = [s.clone() for s in s_nud]
+            contrastive_update(layers, x, s_plus, s_star, x, -1.0 / (b * n))
+            readout_states = (s_star,)
+        # Readout: the ordinary gradient of its loss, averaged over the nudged states
+        # (symmetric) or at the free state (one-sided: the two-sided average is not available,
+        # and s* gives the unbiased value).
+        nudge_mag = [(sp - ss).abs().mean().item() for sp, ss in zip(s_plus, s_star)]
+        loss, logits = cost(mode, readout, s_star[-1], y)
+    if readout is not None:
+        with torch.enable_grad():
+            total = sum(cost(mode, readout, s[-1], y)[0] for s in readout_states) / len(readout_states)
+            total.backward()
+    diagnostics = {"free": free_rep.as_dict(), "nudged": nud_rep.as_dict(), "nudge_magnitude": nudge_mag,
+                   "beta": beta, "nudging": nudging}
+    return EPResult(loss=loss.detach(), logits=logits.detach(), diagnostics=diagnostics)
+
+
+def bptt(net, x, y, T1):
+    """Backpropagation through T1 free steps from zero states: the gradient EP estimates.
+
+    Uses the same synapse methods under the differentiable reference ops, with a functional
+    (not in-place) state update; memory grows with T1, which is why EP exists.
+    """
+    from ._backend import use_backend
+
+    layers, gain = net.layers, ACTIVATION_GAIN[net.activation]
+    plan = net._plan(x)
+    L = len(layers)
+    shapes = [tuple(x.shape[1:])] + list(plan.state_shapes[:-1])
+    states = [torch.zeros((x.shape[0],) + s, dtype=x.dtype, device=x.device) for s in plan.state_shapes]
+    with use_backend("reference"), torch.enable_grad():
+        first = layers[0].drive(x)
+        for _ in range(T1):
+            drives = [first] + [layers[l].drive(states[l - 1]) for l in range(1, L)]
+            new = []
+            for l in range(L):
+                total = drives[l][0]
+                if l + 1 < L:
+                    total = total + layers[l + 1].top_down(states[l + 1], drives[l + 1][1], shapes[l + 1])
+                new.append(torch.clamp(gain * total, 0.0, 1.0))
+            states = new
+        loss, logits = cost(net.mode, net.readout, states[-1], y)
+        loss.backward()
+    return EPResult(loss=loss.detach(), logits=logits.detach(), diagnostics={"T1": T1})

@@ -1,0 +1,168 @@
+"""``EPNetwork``: a stack of EP synapses and a readout, trained by ``ep_backward``.
+
+The module holds parameters and checks inputs; the algorithm is in ``ep_kernels.engine``.
+"""
+import math
+import numbers
+
+import torch
+import torch.nn as nn
+
+from . import engine
+from .layers import EPConv2d, EPLinear
+
+
+def _check_steps(name, v, allow_zero=False):
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < (0 if allow_zero else 1):
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} int, got {v!r}")
+    return int(v)
+
+
+def _check_beta(beta):
+    if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta <= 0:
+        raise ValueError(f"beta must be a positive finite number, got {beta!r}")
+    return float(beta)
+
+
+class EPNetwork(nn.Module):
+    """A convergent recurrent network of EP synapses.
+
+    ``EPNetwork(*layers, readout=nn.Linear(...))`` is cross-entropy mode (the readout reads
+    ``flat(s_L)``); ``readout=None`` is MSE mode (``s_L`` is the output). ``activation`` is
+    ``'hardsigmoid'`` (``clamp(x, 0, 1)``) or ``'hardsigmoid_half'`` (``clamp(x/2, 0, 1)``).
+    ``T1``, ``T2``, ``beta``, ``nudging`` and ``tol`` are defaults for the calls below.
+    """
+
+    def __init__(self, *layers, readout=None, activation="hardsigmoid_half", T1=30, T2=10, beta=0.5,
+                 nudging="symmetric", tol=None, check_every=10):
+        super().__init__()
+        if not layers:
+            raise ValueError("EPNetwork needs at least one layer")
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, (EPConv2d, EPLinear)):
+                raise TypeError(f"layer {i} must be EPConv2d or EPLinear, got {type(layer).__name__}")
+        if readout is not None and not isinstance(readout, nn.Linear):
+            raise TypeError(f"readout must be an nn.Linear or None, got {type(readout).__name__}")
+        if activation not in engine.ACTIVATION_GAIN:
+            raise ValueError(f"activation must be one of {sorted(engine.ACTIVATION_GAIN)}, got {activation!r}")
+        if nudging not in engine.NUDGING:
+            raise ValueError(f"nudging must be one of {engine.NUDGING}, got {nudging!r}")
+        self.layers = nn.ModuleList(layers)
+        self.readout = readout
+        self.activation = activation
+        self.T1, self.T2 = _check_steps("T1", T1), _check_steps("T2", T2)
+        self.beta = _check_beta(beta)
+        self.nudging = nudging
+        self.tol = tol
+        self.check_every = _check_steps("check_every", check_every)
+        self._plans = {}
+
+    @property
+    def mode(self):
+        return "ce" if self.readout is not None else "mse"
+
+    @property
+    def n_classes(self):
+        if self.readout is not None:
+            return self.readout.out_features
+        last = self.layers[-1]
+        return last.out_features if isinstance(last, EPLinear) else None
+
+    def extra_repr(self):
+        return f"mode={self.mode}, activation={self.activation}, T1={self.T1}, T2={self.T2}, beta={self.beta}"
+
+    # -- input checks ---------------------------------------------------------------------
+    def _param(self):
+        return next(self.parameters())
+
+    def _check_x(self, x):
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        p = self._param()
+        if x.device != p.device:
+            raise ValueError(f"x is on {x.device} but the network's parameters are on {p.device}")
+        if x.dtype != p.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the network's parameters are {p.dtype}; "
+                            f"convert with x.to({p.dtype}) or net.to({x.dtype})")
+        if isinstance(self.layers[0], EPConv2d) and x.dim() != 4:
+            raise ValueError(f"x must be (N, C, H, W) for a first EPConv2d layer, got shape {tuple(x.shape)}")
+        if x.dim() < 2 or x.shape[0] == 0:
+            raise ValueError(f"x must be batch-first with at least one example, got shape {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or infinite values")
+
+    def _check_y(self, y, x):
+        if not isinstance(y, torch.Tensor):
+            raise TypeError(f"y must be a torch.Tensor of class indices, got {type(y).__name__}")
+        if y.dtype != torch.int64:
+            raise TypeError(f"y must hold int64 class indices, got dtype {y.dtype}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"y must have shape ({x.shape[0]},) to match x, got {tuple(y.shape)}")
+        if y.device != x.device:
+            raise ValueError(f"y is on {y.device} but x is on {x.device}")
+        k = self.n_classes
+        if k is None:
+            raise ValueError("MSE mode needs a last EPLinear layer whose units are the classes")
+        if y.numel() and (y.min() < 0 or y.max() >= k):
+            raise ValueError(f"y holds class indices outside [0, {k}): min {y.min().item()}, max {y.max().item()}")
+
+    def _check_params(self):
+        for name, p in self.named_parameters():
+            if not torch.isfinite(p).all():
+                raise ValueError(f"parameter {name} contains NaN or infinite values")
+
+    def _plan(self, x):
+        p = self._param()
+        key = (tuple(x.shape), p.dtype, p.device)
+        if key not in self._plans:
+            if len(self._plans) > 8:  # a few shapes (train batch, last batch, eval) in practice
+                self._plans.clear()
+            self._plans[key] = engine.Plan(self.layers, x.shape, p.dtype, p.device)
+        return self._plans[key]
+
+    # -- the three things users call ----------------------------------------------------
+    def free_phase(self, x, T1=None, tol=None):
+        """States at the end of the free phase (copies) and the phase report."""
+        self._check_x(x)
+        T1 = self.T1 if T1 is None else _check_steps("T1", T1)
+        with torch.no_grad():
+            gain = engine.ACTIVATION_GAIN[self.activation]
+            states, rep = engine.free_phase(self.layers, self._plan(x), x, T1, gain,
+                                            tol if tol is not None else self.tol, self.check_every)
+            return [s.clone() for s in states], rep
+
+    def forward(self, x, T1=None):
+        """Inference: the free phase, then the readout. Returns logits (MSE mode: s_L)."""
+        states, _ = self.free_phase(x, T1)
+        with torch.no_grad():
+            if self.readout is not None:
+                return self.readout(states[-1].flatten(1))
+            return states[-1].flatten(1)
+
+    def ep_backward(self, x, y, beta=None, T1=None, T2=None, nudging=None, tol=None):
+        """Free and nudged phases; accumulates the EP gradient into every ``.grad``.
+
+        Returns an ``EPResult`` with the loss and logits at the free equilibrium and
+        diagnostics: each phase's steps and per-layer residual (last max |s_t - s_{t-1}|),
+        and the per-layer mean |s+ - s*|.
+        """
+        self._check_x(x)
+        self._check_y(y, x)
+        self._check_params()
+        beta = self.beta if beta is None else _check_beta(beta)
+        T1 = self.T1 if T1 is None else _check_steps("T1", T1)
+        T2 = self.T2 if T2 is None else _check_steps("T2", T2)
+        nudging = self.nudging if nudging is None else nudging
+        if nudging not in engine.NUDGING:
+            raise ValueError(f"nudging must be one of {engine.NUDGING}, got {nudging!r}")
+        return engine.ep_backward(self, x, y, beta, T1, T2, nudging, tol if tol is not None else self.tol,
+                                  self.check_every)
+
+    def bptt_backward(self, x, y, T1=None):
+        """Backpropagation through the T1 free steps; accumulates the exact gradient of the
+        loss at s(T1) into every ``.grad``. Memory grows with T1."""
+        self._check_x(x)
+        self._check_y(y, x)
+        self._check_params()
+        T1 = self.T1 if T1 is None else _check_steps("T1", T1)
+        return engine.bptt(self, x, y, T1)
