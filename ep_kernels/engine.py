@@ -39,6 +39,7 @@ class EPResult:
     loss: torch.Tensor
     logits: torch.Tensor
     diagnostics: dict = field(default_factory=dict)
+    states: dict = None  # {"free", "plus", "minus"} lists of states, when asked for
 
 
 class Plan:
@@ -171,7 +172,7 @@ def contrastive_update(layers, x, states_a, states_b, x_b, scale):
         layer.accumulate_contrastive_grad(ins_a[l], states_a[l], idx_a, ins_b[l], states_b[l], idx_b, scale)
 
 
-def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10):
+def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep_states=False):
     """Free phase, nudged phase(s), EP gradient into ``.grad``. See DESIGN.md section 2."""
     layers, mode, readout, gain = net.layers, net.mode, net.readout, ACTIVATION_GAIN[net.activation]
     plan = net._plan(x)
@@ -185,7 +186,8 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10):
             x2 = torch.cat([x, x])
             first2 = (torch.cat([first[0], first[0]]),
                       torch.cat([first[1], first[1]]) if first[1] is not None else None)
-            betas = torch.cat([torch.full((n,), beta), torch.full((n,), -beta)]).to(x.dtype).to(x.device)
+            betas = torch.cat([torch.full((n,), beta, dtype=x.dtype, device=x.device),
+                               torch.full((n,), -beta, dtype=x.dtype, device=x.device)])
             s2 = [torch.cat([s, s]) for s in s_star]
             s_nud, nud_rep = nudged_phase(layers, plan, mode, readout, x2, torch.cat([y, y]), s2, betas, T2, gain,
                                           tol, check_every, first_drive=first2)
@@ -193,6 +195,8 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10):
             s_minus = [s[n:] for s in s_nud]
             contrastive_update(layers, x, s_plus, s_minus, x, -1.0 / (2.0 * beta * n))
             readout_states = (s_plus, s_minus)
+            s_minus = [s.clone() for s in s_minus] if keep_states else None
+            s_plus = [s.clone() for s in s_plus]
         else:
             b = beta
             if nudging == "random-sign":
@@ -203,6 +207,7 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10):
             s_plus = [s.clone() for s in s_nud]
             contrastive_update(layers, x, s_plus, s_star, x, -1.0 / (b * n))
             readout_states = (s_star,)
+            s_minus = None
         # Readout: the ordinary gradient of its loss, averaged over the nudged states
         # (symmetric) or at the free state (one-sided: the two-sided average is not available,
         # and s* gives the unbiased value).
@@ -214,7 +219,8 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10):
             total.backward()
     diagnostics = {"free": free_rep.as_dict(), "nudged": nud_rep.as_dict(), "nudge_magnitude": nudge_mag,
                    "beta": beta, "nudging": nudging}
-    return EPResult(loss=loss.detach(), logits=logits.detach(), diagnostics=diagnostics)
+    kept = {"free": s_star, "plus": s_plus, "minus": s_minus} if keep_states else None
+    return EPResult(loss=loss.detach(), logits=logits.detach(), diagnostics=diagnostics, states=kept)
 
 
 def bptt(net, x, y, T1):

@@ -139,12 +139,13 @@ class EPNetwork(nn.Module):
                 return self.readout(states[-1].flatten(1))
             return states[-1].flatten(1)
 
-    def ep_backward(self, x, y, beta=None, T1=None, T2=None, nudging=None, tol=None):
+    def ep_backward(self, x, y, beta=None, T1=None, T2=None, nudging=None, tol=None, keep_states=False):
         """Free and nudged phases; accumulates the EP gradient into every ``.grad``.
 
         Returns an ``EPResult`` with the loss and logits at the free equilibrium and
         diagnostics: each phase's steps and per-layer residual (last max |s_t - s_{t-1}|),
-        and the per-layer mean |s+ - s*|.
+        and the per-layer mean |s+ - s*|. ``keep_states=True`` also returns the states
+        (``res.states["free" | "plus" | "minus"]``).
         """
         self._check_x(x)
         self._check_y(y, x)
@@ -156,7 +157,7 @@ class EPNetwork(nn.Module):
         if nudging not in engine.NUDGING:
             raise ValueError(f"nudging must be one of {engine.NUDGING}, got {nudging!r}")
         return engine.ep_backward(self, x, y, beta, T1, T2, nudging, tol if tol is not None else self.tol,
-                                  self.check_every)
+                                  self.check_every, keep_states)
 
     def bptt_backward(self, x, y, T1=None):
         """Backpropagation through the T1 free steps; accumulates the exact gradient of the

@@ -1,0 +1,659 @@
+"""``ep-train``: train an EP network (or the same network by BPTT) and keep a run folder.
+
+    ep-train                                   # the default: small ConvNet on the bundled digits
+    ep-train --preset vgg5 --dataset cifar10 --data-dir ~/data --cosine --epochs 100
+    ep-train --resume runs/<name>              # continue a stopped run exactly where it stopped
+
+The run folder holds ``config.json``, ``metrics.json`` (one row per epoch), ``curves.png`` and
+``checkpoint.pt``. The checkpoint is replaced atomically after every epoch and whenever the run
+stops early (Ctrl-C, ``--max-minutes``); it holds the model, optimizer, scheduler, every random
+generator's state and the position inside the epoch, so ``--resume`` continues bit for bit on
+the same machine (CPU, same number of threads): 2 epochs + resume for 2 more = 4 epochs.
+
+Ctrl-C: the first one lets the current minibatch finish, saves, and exits (status 130); a
+second one stops at once and saves the state at the start of the interrupted minibatch (the
+weights are only written by ``optimizer.step()``, which is never interrupted half-way by the
+first Ctrl-C; if a raw interrupt lands inside it, the last checkpoint on disk is kept).
+"""
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from datetime import datetime
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .data import DATASETS, load_dataset
+from .presets import PRESETS, build_network
+
+# The defaults are the tuned configuration of the default run (small ConvNet, bundled digits):
+# about 5 minutes on a 2-core CPU, see README. Change them only with new measurements.
+DEFAULTS = dict(
+    preset="small", width=1.0, activation="hardsigmoid_half", init_scale=1.0,
+    dataset="digits", data_dir=None, download=False, limit_train=None, limit_test=None,
+    algorithm="ep", T1=30, T2=10, beta=0.5, nudging="symmetric", eval_T1=None, tol=None,
+    epochs=30, batch_size=32, lr="0.05", momentum=0.9, weight_decay=0.0, cosine=True,
+    seed=0, threads=None, device="cpu",
+)
+
+# Options that describe where/how this invocation runs, never stored as the run's config.
+_FRESH = ("resume", "run_dir", "max_minutes", "no_progress")
+# Stored in the config, but a resumed run may change them (they do not change the maths,
+# except threads, which can change float rounding: warned about).
+_OVERRIDABLE = ("threads", "device", "data_dir", "download", "epochs")
+
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(ValueError):
+    """A bad option or option combination; ``main`` reports it like an argparse error."""
+
+
+# --- command line ------------------------------------------------------------------------
+
+def _typed(kind, lo=None, strict=False, allow_none=False):
+    def parse(text):
+        if allow_none and text.lower() == "none":
+            return None
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a{'n int' if kind is int else ' number'}, got {text!r}")
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        if lo is not None and (v <= lo if strict else v < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo}, got {text!r}")
+        return v
+    return parse
+
+
+def parse_lrs(text):
+    """``"0.1"`` or ``"0.2,0.1,0.05"`` -> list of positive floats."""
+    parts = [p.strip() for p in str(text).split(",")]
+    try:
+        vals = [float(p) for p in parts]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or comma-separated numbers, got {text!r}")
+    if not all(math.isfinite(v) and v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(f"learning rates must be positive and finite, got {text!r}")
+    return vals
+
+
+def _lr_arg(text):
+    parse_lrs(text)  # validate; keep the text (it goes to config.json as given)
+    return text.replace(" ", "")
+
+
+def make_parser():
+    d = DEFAULTS
+    p = argparse.ArgumentParser(
+        prog="ep-train", allow_abbrev=False,
+        description="Train an Equilibrium Propagation network (or the same network by BPTT).",
+        epilog="Example: ep-train --preset vgg5 --dataset cifar10 --data-dir ~/data --cosine --epochs 100")
+    g = p.add_argument_group("network")
+    g.add_argument("--preset", choices=PRESETS, default=d["preset"], help="network (default: %(default)s)")
+    g.add_argument("--width", type=_typed(float, 0, strict=True), default=d["width"],
+                   help="multiply the preset's channel/unit counts (default: %(default)s)")
+    g.add_argument("--activation", choices=("hardsigmoid", "hardsigmoid_half"), default=d["activation"],
+                   help="clamp(x, 0, 1) or clamp(x/2, 0, 1) (default: %(default)s)")
+    g.add_argument("--init-scale", type=_typed(float, 0, strict=True), default=d["init_scale"],
+                   help="multiply PyTorch's default initial weights (default: %(default)s)")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", choices=DATASETS, default=d["dataset"],
+                   help="digits (bundled, no download) or a torchvision dataset in --data-dir "
+                        "(default: %(default)s)")
+    g.add_argument("--data-dir", default=d["data_dir"], help="folder in torchvision's layout")
+    g.add_argument("--download", action="store_true", help="let torchvision download into --data-dir")
+    g.add_argument("--limit-train", type=_typed(int, 1), default=None, metavar="N",
+                   help="use only the first N training examples (quick runs, tests)")
+    g.add_argument("--limit-test", type=_typed(int, 1), default=None, metavar="N",
+                   help="use only the first N test examples")
+    g = p.add_argument_group("algorithm")
+    g.add_argument("--algorithm", choices=("ep", "bptt"), default=d["algorithm"],
+                   help="EP gradient estimate, or backprop through the T1 free steps (default: %(default)s)")
+    g.add_argument("--T1", type=_typed(int, 1), default=d["T1"], help="free-phase steps (default: %(default)s)")
+    g.add_argument("--T2", type=_typed(int, 1), default=d["T2"], help="nudged-phase steps (default: %(default)s)")
+    g.add_argument("--beta", type=_typed(float, 0, strict=True), default=d["beta"],
+                   help="nudging strength (default: %(default)s)")
+    g.add_argument("--nudging", choices=("symmetric", "one-sided", "random-sign"), default=d["nudging"],
+                   help="default: %(default)s")
+    g.add_argument("--eval-T1", type=_typed(int, 1), default=None,
+                   help="free-phase steps at evaluation (default: --T1)")
+    g.add_argument("--tol", type=_typed(float, 0, strict=True), default=None,
+                   help="stop a phase early once every layer's max change is below this")
+    g = p.add_argument_group("optimisation (SGD)")
+    g.add_argument("--epochs", type=_typed(int, 1), default=d["epochs"], help="default: %(default)s")
+    g.add_argument("--batch-size", type=_typed(int, 1), default=d["batch_size"], help="default: %(default)s")
+    g.add_argument("--lr", type=_lr_arg, default=d["lr"],
+                   help="learning rate, or one per layer then the readout, comma-separated "
+                        "(e.g. 0.2,0.1,0.05) (default: %(default)s)")
+    g.add_argument("--momentum", type=_typed(float, 0), default=d["momentum"], help="default: %(default)s")
+    g.add_argument("--weight-decay", type=_typed(float, 0), default=d["weight_decay"], help="default: %(default)s")
+    g.add_argument("--cosine", action=argparse.BooleanOptionalAction, default=d["cosine"],
+                   help="cosine learning-rate schedule over the epochs (default: on)")
+    g = p.add_argument_group("run")
+    g.add_argument("--seed", type=_typed(int, 0), default=d["seed"], help="default: %(default)s")
+    g.add_argument("--threads", type=_typed(int, 1), default=None,
+                   help="torch CPU threads (default: torch's choice)")
+    g.add_argument("--device", default=d["device"], help="cpu, cuda, cuda:1, ... (default: %(default)s)")
+    g.add_argument("--run-dir", default=None,
+                   help="run folder (default: runs/<date-time>-<preset>-<dataset>-<algorithm>)")
+    g.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR with its own config (--epochs may extend it)")
+    g.add_argument("--max-minutes", type=_typed(float, 0, strict=True), default=None,
+                   help="stop cleanly (saving) after this much wall-clock time; resume later")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
+    return p
+
+
+def _explicit_options(parser, argv):
+    """The dests of options written on the command line (abbreviations are disabled)."""
+    flags = {}
+    for a in parser._actions:
+        for s in a.option_strings:
+            flags[s] = a.dest
+    given = set()
+    for tok in argv:
+        if tok.startswith("--"):
+            name = tok.split("=", 1)[0]
+            if name in flags:
+                given.add(flags[name])
+    return given
+
+
+# --- run folder, checkpoint ----------------------------------------------------------------
+
+def _write_atomic(path, write):
+    """Write through a temporary file in the same folder, then rename over ``path``: a reader
+    (or a crash) sees the old file or the new one, never half of one."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _write_json(path, obj):
+    _write_atomic(path, lambda f: f.write((json.dumps(obj, indent=2) + "\n").encode()))
+
+
+def _capture_rng(gen, device):
+    # Everything as tensors, lists and numbers, so torch.load(weights_only=True) reads it.
+    npst = np.random.get_state()
+    pyst = random.getstate()
+    st = {
+        "torch": torch.get_rng_state(),
+        "data": gen.get_state(),
+        "numpy": [npst[0], torch.from_numpy(npst[1].astype(np.int64)), int(npst[2]), int(npst[3]),
+                  float(npst[4])],
+        "python": [pyst[0], list(pyst[1]), pyst[2]],
+    }
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _restore_rng(st, gen, device):
+    torch.set_rng_state(st["torch"])
+    gen.set_state(st["data"])
+    n = st["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+    p = st["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+def load_checkpoint(path):
+    """A checkpoint written by ``ep-train`` (plain tensors/containers: ``weights_only=True``)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+# --- metrics ---------------------------------------------------------------------------------
+
+def _flatten_numbers(d, prefix=""):
+    """Nested diagnostics -> {"a.b": float or [floats]}; strings and other values are skipped."""
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flatten_numbers(v, key + "."))
+            continue
+        if isinstance(v, torch.Tensor):
+            v = v.detach().cpu().tolist()
+        if isinstance(v, (bool, int, float)):
+            out[key] = float(v)
+        elif isinstance(v, (list, tuple)) and v and all(isinstance(e, (bool, int, float, torch.Tensor)) for e in v):
+            out[key] = [float(e) for e in v]
+    return out
+
+
+def _new_partial():
+    return {"loss_sum": 0.0, "correct": 0, "count": 0, "diag": {}, "seconds": 0.0}
+
+
+def _accumulate(partial, res, y):
+    n = y.shape[0]
+    partial["loss_sum"] += float(res.loss) * n
+    partial["correct"] += int((res.logits.argmax(1) == y).sum())
+    partial["count"] += n
+    for k, v in _flatten_numbers(res.diagnostics or {}).items():
+        if k not in partial["diag"]:
+            partial["diag"][k] = [v, 1]
+            continue
+        s, c = partial["diag"][k]
+        if isinstance(v, list) and isinstance(s, list) and len(v) == len(s):
+            partial["diag"][k] = [[a + b for a, b in zip(s, v)], c + 1]
+        elif isinstance(v, float) and isinstance(s, float):
+            partial["diag"][k] = [s + v, c + 1]
+
+
+def _diag_means(partial):
+    out = {}
+    for k, (s, c) in partial["diag"].items():
+        out[k] = [v / c for v in s] if isinstance(s, list) else s / c
+    return out
+
+
+def _output_loss(net, out, y):
+    if net.mode == "ce":
+        return F.cross_entropy(out, y, reduction="sum")
+    return 0.5 * (out - F.one_hot(y, out.shape[1]).to(out.dtype)).pow(2).sum()
+
+
+def evaluate(net, x, y, T1, device, batch_size=500):
+    """Mean loss and accuracy of the free equilibrium after ``T1`` steps."""
+    loss, correct = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
+            out = net(xb, T1=T1)
+            loss += float(_output_loss(net, out, yb))
+            correct += int((out.argmax(1) == yb).sum())
+    n = x.shape[0]
+    return loss / n, correct / n
+
+
+def plot_curves(path, history, title=""):
+    """Loss and accuracy per epoch (train and test), and the nudge magnitudes per layer if any."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state, works headless
+
+    ep = [r["epoch"] for r in history]
+    nudge = [r.get("diagnostics", {}).get("nudge_magnitude") for r in history]
+    has_nudge = all(isinstance(v, list) for v in nudge) and nudge
+    fig = Figure(figsize=(13 if has_nudge else 9, 3.8), layout="constrained")
+    axes = fig.subplots(1, 3 if has_nudge else 2)
+    ax = axes[0]
+    ax.plot(ep, [r["train_loss"] for r in history], "o-", ms=3, label="train")
+    ax.plot(ep, [r["test_loss"] for r in history], "o-", ms=3, label="test")
+    ax.set_xlabel("epoch"), ax.set_ylabel("loss"), ax.set_yscale("log"), ax.legend(), ax.grid(alpha=0.3)
+    ax = axes[1]
+    ax.plot(ep, [100 * r["train_acc"] for r in history], "o-", ms=3, label="train")
+    ax.plot(ep, [100 * r["test_acc"] for r in history], "o-", ms=3, label="test")
+    ax.set_xlabel("epoch"), ax.set_ylabel("accuracy (%)"), ax.legend(), ax.grid(alpha=0.3)
+    if has_nudge:
+        ax = axes[2]
+        for l in range(len(nudge[0])):
+            ax.plot(ep, [v[l] for v in nudge], "o-", ms=3, label=f"layer {l + 1}")
+        ax.set_xlabel("epoch"), ax.set_ylabel("mean |s+ - s*|"), ax.set_yscale("log"), ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(title, fontsize=9)
+    _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
+def _summary(history):
+    if not history:
+        return {"epochs_done": 0}
+    best = max(history, key=lambda r: r["test_acc"])
+    return {"epochs_done": len(history), "final_test_acc": history[-1]["test_acc"],
+            "best_test_acc": best["test_acc"], "best_epoch": best["epoch"]}
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+def make_optimizer(net, lrs, momentum, weight_decay):
+    """SGD with one parameter group per state layer, then one for the readout.
+
+    ``lrs`` is one learning rate for all groups or one per group, in that order.
+    """
+    groups = [(f"layers.{i}", list(layer.parameters())) for i, layer in enumerate(net.layers)]
+    if net.readout is not None:
+        groups.append(("readout", list(net.readout.parameters())))
+    covered = {id(p) for _, ps in groups for p in ps}
+    rest = [p for p in net.parameters() if id(p) not in covered]
+    if rest:  # parameters outside layers/readout (future heads): their own, last group
+        groups.append(("other", rest))
+    names = [n for n, _ in groups]
+    if len(lrs) == 1:
+        lrs = lrs * len(groups)
+    elif len(lrs) != len(groups):
+        raise UsageError(f"--lr has {len(lrs)} values but this network has {len(groups)} parameter groups "
+                         f"({', '.join(names)}): give one learning rate, or one per group in that order")
+    return torch.optim.SGD([{"params": ps, "lr": lr, "name": n} for (n, ps), lr in zip(groups, lrs)],
+                           lr=lrs[0], momentum=momentum, weight_decay=weight_decay)
+
+
+class _StopRequest:
+    """Turns the first SIGINT into a request to stop at the next safe point."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        if self.requested:  # second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nep-train: Ctrl-C: finishing this minibatch, then saving a checkpoint "
+              "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+def _default_run_dir(cfg):
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = os.path.join("runs", f"{stamp}-{cfg['preset']}-{cfg['dataset']}-{cfg['algorithm']}")
+    path, i = base, 1
+    while os.path.exists(path):
+        i += 1
+        path = f"{base}-{i}"
+    return path
+
+
+def _resolve(parser, argv):
+    """(config, run_dir, checkpoint or None, runtime options) from the command line."""
+    args = parser.parse_args(argv)
+    given = _explicit_options(parser, argv)
+    if args.resume is None:
+        cfg = {k: getattr(args, k) for k in DEFAULTS}
+        run_dir = args.run_dir or _default_run_dir(cfg)
+        if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
+            raise UsageError(f"--run-dir {run_dir!r} already holds a run: continue it with --resume {run_dir}, "
+                             "or choose another --run-dir")
+        return cfg, run_dir, None
+
+    run_dir = args.resume
+    if args.run_dir is not None and os.path.abspath(args.run_dir) != os.path.abspath(run_dir):
+        raise UsageError("--resume continues in its own folder; do not also give a different --run-dir")
+    cfg_path, ckpt_path = os.path.join(run_dir, "config.json"), os.path.join(run_dir, "checkpoint.pt")
+    for path in (cfg_path, ckpt_path):
+        if not os.path.isfile(path):
+            raise UsageError(f"--resume {run_dir!r}: no {os.path.basename(path)} there (not an ep-train run folder)")
+    with open(cfg_path) as f:
+        cfg = json.load(f)["config"]
+    for k in DEFAULTS:  # a config from an older version may lack newer options
+        cfg.setdefault(k, DEFAULTS[k])
+    for k in sorted(given - set(_FRESH)):
+        new = getattr(args, k)
+        if k in _OVERRIDABLE:
+            if k == "epochs" and new != cfg["epochs"] and cfg["cosine"]:
+                raise UsageError(f"--epochs {new}: this run uses --cosine, whose schedule is fixed by its "
+                                 f"{cfg['epochs']} epochs; it cannot be extended")
+            if k == "threads" and new != cfg["threads"]:
+                print(f"ep-train: note: --threads {new} differs from the run's {cfg['threads']}; the result "
+                      "may differ from an uninterrupted run in the last bits", file=sys.stderr)
+            cfg[k] = new
+        elif new != cfg[k]:
+            flag = "--" + k.replace("_", "-")
+            raise UsageError(f"{flag} {new!r} differs from the run's config ({cfg[k]!r}): a resumed run keeps "
+                             f"its config (only {', '.join('--' + o.replace('_', '-') for o in _OVERRIDABLE)} "
+                             "may change)")
+    ckpt = load_checkpoint(ckpt_path)
+    return cfg, run_dir, ckpt
+
+
+def main(argv=None):
+    """Entry point of ``ep-train``; returns the exit status (0, or 130 when interrupted)."""
+    parser = make_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, run_dir, ckpt = _resolve(parser, argv)
+        args = parser.parse_args(argv)
+        return train(cfg, run_dir, ckpt, max_minutes=args.max_minutes, progress=not args.no_progress, argv=argv)
+    except UsageError as e:
+        parser.error(str(e))
+    except FloatingPointError as e:  # divergence (NaN loss or states): a message, not a traceback
+        print(f"ep-train: error: {e}", file=sys.stderr)
+        return 1
+
+
+def _setup(cfg):
+    """Data, network, optimizer, scheduler for ``cfg`` (a fresh run's initial state)."""
+    if cfg["threads"] is not None:
+        torch.set_num_threads(cfg["threads"])
+    try:
+        device = torch.device(cfg["device"])
+    except RuntimeError as e:
+        raise UsageError(f"--device {cfg['device']!r}: {e}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {cfg['device']}: CUDA is not available on this machine")
+    if cfg["dataset"] != "digits" and cfg["data_dir"] is None:
+        raise UsageError(f"--dataset {cfg['dataset']} needs --data-dir (a folder in torchvision's layout)")
+    try:
+        data = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["download"])
+        data = data.limit(cfg["limit_train"], cfg["limit_test"])
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e))
+
+    # Seed everything the run may draw from; shuffling and augmentation use their own
+    # generator, so the data order does not depend on what the algorithm draws.
+    torch.manual_seed(cfg["seed"])
+    np.random.seed(cfg["seed"] % 2**32)
+    random.seed(cfg["seed"])
+    gen = torch.Generator().manual_seed(cfg["seed"])
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    try:
+        net = build_network(cfg["preset"], data.in_shape, data.n_classes, activation=cfg["activation"],
+                            init_scale=cfg["init_scale"], width=cfg["width"], T1=cfg["T1"], T2=cfg["T2"],
+                            beta=cfg["beta"], nudging=cfg["nudging"], tol=cfg["tol"])
+    except ValueError as e:
+        raise UsageError(str(e))
+    net.to(device)
+    opt = make_optimizer(net, parse_lrs(cfg["lr"]), cfg["momentum"], cfg["weight_decay"])
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"]) if cfg["cosine"] else None
+    return device, data, gen, net, opt, sched
+
+
+def train(cfg, run_dir, ckpt=None, max_minutes=None, progress=True, argv=()):
+    """Train with config ``cfg`` in ``run_dir``; from checkpoint ``ckpt`` when resuming."""
+    from tqdm.auto import tqdm
+
+    t_start = time.monotonic()
+    device, data, gen, net, opt, sched = _setup(cfg)
+    os.makedirs(run_dir, exist_ok=True)
+    paths = {k: os.path.join(run_dir, f) for k, f in
+             (("config", "config.json"), ("metrics", "metrics.json"), ("curves", "curves.png"),
+              ("ckpt", "checkpoint.pt"))}
+
+    # Progress: position in the run, and the running sums of the current epoch.
+    state = {"epoch": 0, "batch": 0, "perm": None, "partial": _new_partial(), "history": []}
+    if ckpt is not None:
+        net.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        if sched is not None:
+            sched.load_state_dict(ckpt["scheduler"])
+        for k in state:
+            state[k] = ckpt[k]
+        _restore_rng(ckpt["rng"], gen, device)
+        print(f"ep-train: resuming {run_dir} at epoch {state['epoch'] + 1}, minibatch {state['batch']}",
+              file=sys.stderr)
+
+    def snapshot():
+        # Taken only at safe points: model, optimizer and scheduler are not modified between
+        # one safe point and the next commit, so live weights + this snapshot = a consistent state.
+        return {"epoch": state["epoch"], "batch": state["batch"], "perm": state["perm"],
+                "partial": copy.deepcopy(state["partial"]), "history": list(state["history"]),
+                "rng": _capture_rng(gen, device)}
+
+    def save(snap):
+        ck = dict(snap, format=1, config=cfg, model=net.state_dict(), optimizer=opt.state_dict(),
+                  scheduler=sched.state_dict() if sched is not None else None)
+        _write_atomic(paths["ckpt"], lambda f: torch.save(ck, f))
+
+    def write_metrics(status):
+        _write_json(paths["metrics"], dict(_summary(state["history"]), status=status, epochs=state["history"]))
+
+    from . import __version__
+    from ._backend import backend_for
+    invocations = []
+    if ckpt is not None and os.path.isfile(paths["config"]):
+        with open(paths["config"]) as f:
+            invocations = json.load(f).get("invocations", [])
+    _write_json(paths["config"], {
+        "config": cfg, "invocations": invocations + [list(argv)],
+        "environment": {"ep_kernels": __version__, "torch": torch.__version__, "backend": backend_for(device),
+                        "threads": torch.get_num_threads(), "python": sys.version.split()[0]}})
+    safe = snapshot()
+    if ckpt is None:
+        save(safe)  # so that an interrupt during the first epoch leaves a resumable run
+
+    n_train = data.x_train.shape[0]
+    bs = cfg["batch_size"]
+    n_batches = math.ceil(n_train / bs)
+    eval_T1 = cfg["eval_T1"] or cfg["T1"]
+    title = (f"{cfg['preset']} on {cfg['dataset']}, {cfg['algorithm']}, T1={cfg['T1']} T2={cfg['T2']} "
+             f"beta={cfg['beta']} {cfg['nudging']}, lr={cfg['lr']}")
+
+    def step(x, y):
+        if cfg["algorithm"] == "bptt":
+            return net.bptt_backward(x, y, T1=cfg["T1"])
+        return net.ep_backward(x, y, beta=cfg["beta"], T1=cfg["T1"], T2=cfg["T2"], nudging=cfg["nudging"],
+                               tol=cfg["tol"])
+
+    def out_of_time():
+        return max_minutes is not None and time.monotonic() - t_start > 60.0 * max_minutes
+
+    stop = None  # None, "interrupt" or "time"
+    committing = False
+    bar = None
+    try:
+        with _StopRequest() as stop_request:
+            while state["epoch"] < cfg["epochs"] and stop is None:
+                e = state["epoch"]
+                if state["perm"] is None:
+                    state["perm"] = torch.randperm(n_train, generator=gen)
+                net.train()
+                t0, sec0 = time.monotonic(), state["partial"]["seconds"]
+                bar = tqdm(total=n_batches, initial=state["batch"], desc=f"epoch {e + 1}/{cfg['epochs']}",
+                           disable=not progress, leave=False, dynamic_ncols=True)
+                while state["batch"] < n_batches:
+                    k = state["batch"]
+                    idx = state["perm"][k * bs:(k + 1) * bs]
+                    x, y = data.x_train[idx], data.y_train[idx]
+                    if data.augment is not None:
+                        x = data.augment(x, gen)
+                    x, y = x.to(device), y.to(device)
+                    opt.zero_grad(set_to_none=True)
+                    res = step(x, y)
+                    if not math.isfinite(float(res.loss)):
+                        raise FloatingPointError(
+                            f"training diverged at epoch {e + 1}, minibatch {k}: the loss is {float(res.loss)}; "
+                            "try a smaller --lr or --beta (the last good checkpoint is in the run folder)")
+                    committing = True
+                    opt.step()
+                    _accumulate(state["partial"], res, y.cpu())
+                    state["batch"] = k + 1
+                    state["partial"]["seconds"] = sec0 + time.monotonic() - t0
+                    committing = False
+                    safe = snapshot()
+                    p = state["partial"]
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{p['loss_sum'] / p['count']:.3f}", acc=f"{100 * p['correct'] / p['count']:.1f}%")
+                    if stop_request.requested:
+                        stop = "interrupt"
+                    elif out_of_time():
+                        stop = "time"
+                    if stop is not None:
+                        break
+                bar.close()
+                if stop is not None:
+                    break
+
+                # End of the epoch: evaluate, record, step the schedule, save.
+                t1 = time.monotonic()
+                test_loss, test_acc = evaluate(net, data.x_test, data.y_test, eval_T1, device)
+                p = state["partial"]
+                row = {"epoch": e + 1, "train_loss": p["loss_sum"] / p["count"], "train_acc": p["correct"] / p["count"],
+                       "test_loss": test_loss, "test_acc": test_acc, "lr": [g["lr"] for g in opt.param_groups],
+                       "train_seconds": p["seconds"], "seconds": p["seconds"] + time.monotonic() - t1,
+                       "diagnostics": _diag_means(p)}
+                committing = True
+                state["history"].append(row)
+                if sched is not None:
+                    sched.step()
+                state.update(epoch=e + 1, batch=0, perm=None, partial=_new_partial())
+                committing = False
+                safe = snapshot()
+                save(safe)
+                write_metrics("running")
+                plot_curves(paths["curves"], state["history"], title)
+                line = (f"epoch {e + 1}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc "
+                        f"{100 * row['train_acc']:.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:.2f}%  "
+                        f"lr {row['lr'][0]:.4g}  {row['seconds']:.1f}s")
+                (tqdm.write if progress else print)(line)
+                if stop_request.requested:
+                    stop = "interrupt"
+                elif out_of_time() and state["epoch"] < cfg["epochs"]:
+                    stop = "time"
+    except KeyboardInterrupt:
+        if bar is not None:
+            bar.close()
+        stop = "interrupt"
+        if committing:
+            # Cut inside optimizer.step() or the bookkeeping after it: the live state is not
+            # consistent; the checkpoint on disk (the last safe point saved) stands.
+            print("ep-train: interrupted while updating the weights; keeping the last saved checkpoint",
+                  file=sys.stderr)
+            safe = None
+    elapsed = time.monotonic() - t_start
+
+    if stop is not None:
+        if safe is not None:
+            save(safe)
+            where = (f"after epoch {safe['epoch']}" if safe["batch"] == 0 else
+                     f"in epoch {safe['epoch'] + 1} after minibatch {safe['batch']} of {n_batches}")
+        else:
+            where = "at its last save"
+        write_metrics("interrupted" if stop == "interrupt" else "stopped (--max-minutes)")
+        why = "interrupted" if stop == "interrupt" else f"stopped after the --max-minutes {max_minutes:g} budget"
+        print(f"ep-train: {why}; checkpoint saved {where} in {run_dir}.\n"
+              f"Resume with:  ep-train --resume {run_dir}", file=sys.stderr)
+        s = _summary(state["history"])
+        if s["epochs_done"]:
+            print(f"ep-train: so far {s['epochs_done']} epochs: final test accuracy {100 * s['final_test_acc']:.2f}%, "
+                  f"best {100 * s['best_test_acc']:.2f}% (epoch {s['best_epoch']})")
+        return EXIT_INTERRUPTED if stop == "interrupt" else 0
+
+    write_metrics("done")
+    s = _summary(state["history"])
+    if s["epochs_done"]:
+        print(f"ep-train: done, {s['epochs_done']} epochs ({cfg['algorithm']}, {cfg['preset']} on {cfg['dataset']}) "
+              f"in {elapsed / 60:.1f} min this session: final test accuracy {100 * s['final_test_acc']:.2f}%, best "
+              f"{100 * s['best_test_acc']:.2f}% (epoch {s['best_epoch']}). Run folder: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
