@@ -17,6 +17,16 @@ import ep_reference as R
 DT = torch.float64
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """These tensors are tiny: intra-op threads only cost, and on a loaded machine their
+    spinning made this file ~20x slower (50 s vs 2.7 s measured). Restored afterwards."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def uniform(g, shape, fan_in, scale):
     bound = scale / math.sqrt(fan_in)
     return ((torch.rand(shape, generator=g, dtype=DT) * 2 - 1) * bound)

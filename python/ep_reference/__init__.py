@@ -1,0 +1,25 @@
+"""ep_reference: an independent pure-PyTorch reference of Equilibrium Propagation.
+
+The "proof" implementation of DESIGN.md section 2, written the way the published EP codes
+(Laborieux et al. 2021) are: relaxation by autograd of the primitive function Phi,
+EP gradients by autograd of Phi w.r.t. the parameters at fixed states, BPTT by autograd
+through the steps. It shares no code with ``ep_kernels`` and imports only torch.
+
+    ref = ReferenceNet.from_module(net)          # or ReferenceNet([dict(weight=..., ...)], ...)
+    ep = ep_gradient(ref, x, y, beta, T1, T2)    # ep.grads: name -> tensor
+    bp = bptt_gradient(ref, x, y, T1)
+    cosine_and_relerr(ep.grads, bp.grads)        # name -> (cosine, relative error)
+"""
+from .dynamics import (cost, free_phase, init_states, logits, nudged_phase, phi, relax, residual,
+                       sigma, step, synapse)
+from .gradients import (BPTTResult, EPResult, GDUCurves, bptt_gradient, cosine_and_relerr,
+                        ep_gradient, gdu_curves, phi_param_grads, readout_grads)
+from .net import Layer, ReferenceNet
+
+__all__ = [
+    "ReferenceNet", "Layer",
+    "phi", "cost", "logits", "synapse", "sigma", "init_states", "step", "relax", "free_phase",
+    "nudged_phase", "residual",
+    "ep_gradient", "bptt_gradient", "gdu_curves", "phi_param_grads", "readout_grads",
+    "cosine_and_relerr", "EPResult", "BPTTResult", "GDUCurves",
+]

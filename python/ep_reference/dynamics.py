@@ -1,0 +1,108 @@
+"""Phi, the cost, and relaxation by autograd of Phi (DESIGN.md section 2).
+
+As in the public code of Laborieux et al. 2021, the update is ``s_l <- sigma(dPhi_beta/ds_l)``
+with the derivative taken by ``torch.autograd.grad``. That gives, with nothing written by
+hand, the bottom-up drive ``a_l(s_{l-1})`` plus the top-down term: the transposed
+convolution of ``s_{l+1}`` max-unpooled to the argmax positions of the current step (the
+backward of ``F.max_pool2d`` routes to its argmax, first position on ties), and the nudge
+``-beta dC/ds_L``. All layers update synchronously from the same old state.
+"""
+import torch
+import torch.nn.functional as F
+
+
+def sigma(ref, h):
+    """Hard sigmoid ``clamp(gain * h, 0, 1)``; gain 1 or 1/2 (``ref.activation``)."""
+    return torch.clamp(ref.gain * h, 0.0, 1.0)
+
+
+def synapse(ref, i, s_prev, params=None):
+    """``a_i(s_{i-1})``: pooled conv drive or linear drive of layer ``i`` (0-based)."""
+    params = ref.params if params is None else params
+    L = ref.layers[i]
+    w, b = params[L.weight], (params[L.bias] if L.bias else None)
+    if L.kind == "conv":
+        h = F.conv2d(s_prev, w, b, L.stride, L.padding, L.dilation, L.groups)
+        return F.max_pool2d(h, L.pool, L.pool) if L.pool > 1 else h
+    return F.linear(s_prev.flatten(1), w, b)
+
+
+def phi(ref, x, states, params=None):
+    """Per-example primitive ``Phi = sum_l <s_l, a_l(s_{l-1})>``, shape (N,)."""
+    lower = [x] + list(states[:-1])
+    return sum((s * synapse(ref, i, sp, params)).flatten(1).sum(1)
+               for i, (sp, s) in enumerate(zip(lower, states)))
+
+
+def logits(ref, states, params=None):
+    """Readout ``R flat(s_L) + c`` (CE mode only)."""
+    params = ref.params if params is None else params
+    return F.linear(states[-1].flatten(1), params["readout.weight"], params.get("readout.bias"))
+
+
+def cost(ref, states, y, params=None):
+    """Per-example cost C, shape (N,): CE of the readout, or 1/2 ||s_L - onehot(y)||^2."""
+    if ref.mode == "ce":
+        return F.cross_entropy(logits(ref, states, params), y, reduction="none")
+    out = states[-1].flatten(1)
+    return 0.5 * ((out - F.one_hot(y, out.shape[1]).to(out.dtype)) ** 2).sum(1)
+
+
+def init_states(ref, x):
+    """Zero states with the shapes the synapses produce from ``x``."""
+    with torch.no_grad():
+        h, states = x, []
+        for i in range(len(ref.layers)):
+            h = synapse(ref, i, h)
+            states.append(torch.zeros_like(h))
+    return states
+
+
+def step(ref, x, states, y=None, beta=0.0, params=None, create_graph=False):
+    """One synchronous step ``s_l <- sigma(dPhi_beta/ds_l)`` for every l.
+
+    ``create_graph=True`` keeps the step differentiable w.r.t. ``params`` and the incoming
+    states (BPTT); otherwise the new states are detached.
+    """
+    with torch.enable_grad():
+        if create_graph:
+            states = [s if s.requires_grad else s.detach().requires_grad_() for s in states]
+        else:
+            states = [s.detach().requires_grad_() for s in states]
+        f = phi(ref, x, states, params).sum()
+        if beta != 0:
+            f = f - beta * cost(ref, states, y, params).sum()
+        grads = torch.autograd.grad(f, states, create_graph=create_graph)
+    new = [sigma(ref, g) for g in grads]
+    return new if create_graph else [s.detach() for s in new]
+
+
+def relax(ref, x, y, beta, T, states=None, return_trajectory=False):
+    """``T`` steps at ``beta`` from ``states`` (zeros if None).
+
+    Returns the final states, or ``(states, trajectory)`` with ``trajectory[t]`` the states
+    after ``t`` steps (``trajectory[0]`` the start).
+    """
+    states = init_states(ref, x) if states is None else [s.detach() for s in states]
+    traj = [states]
+    for _ in range(T):
+        states = step(ref, x, states, y, beta)
+        if return_trajectory:
+            traj.append(states)
+    return (states, traj) if return_trajectory else states
+
+
+def free_phase(ref, x, T1):
+    """``T1`` steps at beta = 0 from zero states: ``s*``."""
+    return relax(ref, x, None, 0.0, T1)
+
+
+def nudged_phase(ref, x, y, states, beta, T2):
+    """``T2`` steps at ``beta`` from ``states`` (usually ``s*``): ``s+`` or ``s-``."""
+    return relax(ref, x, y, beta, T2, states=states)
+
+
+def residual(ref, x, states, y=None, beta=0.0):
+    """``max |step(s) - s|``: how far ``states`` are from a fixed point."""
+    nxt = step(ref, x, states, y, beta)
+    return max(float((a - b).abs().max()) for a, b in zip(nxt, states))
