@@ -57,7 +57,7 @@ setup(
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "scikit-learn"],
+    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "scikit-learn", "ninja"],
     extras_require={"test": ["pytest", "pytest-benchmark"]},
     entry_points={
         "console_scripts": [
