@@ -75,7 +75,7 @@ class Plan:
 
 
 def output_nudge(mode, readout, s_last, y, beta):
-    """``-beta * dC_n/ds_L`` per example; ``beta`` is a float or an (N,) tensor."""
+    """``-beta * dC_out,n/ds_L`` per example; ``beta`` is a float or an (N,) tensor."""
     if mode == "ce":
         logits = readout(s_last.flatten(1))
         err = torch.softmax(logits, dim=1)
@@ -83,9 +83,43 @@ def output_nudge(mode, readout, s_last, y, beta):
         g = (err @ readout.weight).view_as(s_last)
     else:
         g = s_last - F.one_hot(y, s_last[0].numel()).to(s_last.dtype).view_as(s_last)
+    return g.mul_(-_per_example(beta, g))
+
+
+def _per_example(beta, like):
     if isinstance(beta, torch.Tensor):
-        beta = beta.view((-1,) + (1,) * (g.dim() - 1))
-    return g.mul_(-beta)
+        return beta.view((-1,) + (1,) * (like.dim() - 1))
+    return beta
+
+
+def signal_nudges(signals, readout, states, y, teacher, beta):
+    """``-beta * lambda_l * dL_l/ds_l`` for every intermediate signal, summed per layer
+    (a dict layer -> tensor). The heads are tiny, so autograd per step is cheap and exact."""
+    out = {}
+    L = len(states)
+    with torch.enable_grad():
+        for sig in signals:
+            l = sig.state_index(L)
+            s = states[l].detach().requires_grad_(True)
+            loss = sig.loss(s, y, teacher, readout).sum() * sig.weight
+            (g,) = torch.autograd.grad(loss, s)
+            g = g.mul_(-_per_example(beta, g))
+            out[l] = g if l not in out else out[l] + g
+    return out
+
+
+def make_nudge_fn(net, y, teacher, beta):
+    """The per-layer nudges of the nudged phases, as a function of the current states."""
+    L = len(net.layers)
+
+    def nudges(states):
+        per_layer = [None] * L
+        per_layer[-1] = output_nudge(net.mode, net.readout, states[-1], y, beta)
+        for l, g in signal_nudges(net.signals, net.readout, states, y, teacher, beta).items():
+            per_layer[l] = g if per_layer[l] is None else per_layer[l] + g
+        return per_layer
+
+    return nudges
 
 
 def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, tol=None, check_every=10,
@@ -94,7 +128,7 @@ def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, to
 
     ``states`` and ``spare`` are lists of same-shaped buffers; the result is in one of them.
     ``first_drive`` (the constant drive of layer 0 for the clamped ``x``) is computed once
-    here when not given. With ``tol`` the phase stops once every layer's max change is
+    here when not given. ``nudge_fn(states)`` gives a per-layer list of nudges (or None). With ``tol`` the phase stops once every layer's max change is
     below it (tested every ``check_every`` steps: a host sync each time).
     """
     L = len(layers)
@@ -108,12 +142,12 @@ def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, to
     t = 0
     for t in range(1, steps + 1):
         drives = [first_drive] + [layers[l].drive(states[l - 1]) for l in range(1, L)]
-        nudge = nudge_fn(states[-1]) if nudge_fn is not None else None
+        nudge = nudge_fn(states) if nudge_fn is not None else [None] * L
         for l in range(L):
             top = None
             if l + 1 < L:
                 top = layers[l + 1].top_down(states[l + 1], drives[l + 1][1], shapes[l + 1])
-            changes[l] = ops.state_update(drives[l][0], top, nudge if l == L - 1 else None, states[l], gain,
+            changes[l] = ops.state_update(drives[l][0], top, nudge[l], states[l], gain,
                                           spare[l])
         states, spare = spare, states
         if t % check_every == 0 or t == steps:
@@ -140,15 +174,13 @@ def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=N
                  spare=spare, phase="free")
 
 
-def nudged_phase(layers, plan, mode, readout, x, y, s_star, betas, T, gain, tol=None, check_every=10,
-                 first_drive=None):
+def nudged_phase(net, plan, x, y, teacher, s_star, betas, T, gain, tol=None, check_every=10, first_drive=None):
     """T steps from ``s_star`` with per-example nudging strengths ``betas`` (an (N,) tensor)."""
     bufs, spare = plan.buffers(x.shape[0])
     for b, s in zip(bufs, s_star):
         b.copy_(s)
-    return relax(layers, x, bufs, T, gain, first_drive=first_drive, tol=tol, check_every=check_every,
-                 spare=spare, phase="nudged",
-                 nudge_fn=lambda s_last: output_nudge(mode, readout, s_last, y, betas))
+    return relax(net.layers, x, bufs, T, gain, first_drive=first_drive, tol=tol, check_every=check_every,
+                 spare=spare, phase="nudged", nudge_fn=make_nudge_fn(net, y, teacher, betas))
 
 
 def cost(mode, readout, s_last, y):
@@ -158,6 +190,43 @@ def cost(mode, readout, s_last, y):
         return F.cross_entropy(logits, y), logits
     out = s_last.flatten(1)
     return 0.5 * (out - F.one_hot(y, out.shape[1]).to(out.dtype)).pow(2).sum(1).mean(), out
+
+
+def total_cost(net, states, y, teacher):
+    """``C(s)`` batch-mean: the output cost plus ``sum_l lambda_l L_l(s_l)``; also returns the
+    output cost, the logits and each signal's (unweighted) mean loss."""
+    out_loss, logits = cost(net.mode, net.readout, states[-1], y)
+    total, aux = out_loss, []
+    for sig in net.signals:
+        l_sig = sig.loss(states[sig.state_index(len(states))], y, teacher, net.readout).mean()
+        aux.append(l_sig)
+        total = total + sig.weight * l_sig
+    return total, out_loss, logits, aux
+
+
+def resolve_teacher(net, teacher, x):
+    """Teacher targets as a dict, computed once per batch when a callable is given."""
+    needs = any(sig.kind in ("feature", "logit") for sig in net.signals)
+    if teacher is None:
+        if needs:
+            raise ValueError("this network has distillation signals: pass teacher=... to ep_backward")
+        return None
+    if callable(teacher):
+        with torch.no_grad():
+            teacher = teacher(x)
+    if not isinstance(teacher, dict):
+        raise TypeError("teacher must be a dict {'features': {layer: tensor}, 'logits': tensor} or a callable "
+                        "returning one")
+    return teacher
+
+
+def _double_teacher(teacher):
+    if teacher is None:
+        return None
+    out = {}
+    for k, v in teacher.items():
+        out[k] = {i: torch.cat([t, t]) for i, t in v.items()} if isinstance(v, dict) else torch.cat([v, v])
+    return out
 
 
 def contrastive_update(layers, x, states_a, states_b, x_b, scale):
@@ -172,11 +241,13 @@ def contrastive_update(layers, x, states_a, states_b, x_b, scale):
         layer.accumulate_contrastive_grad(ins_a[l], states_a[l], idx_a, ins_b[l], states_b[l], idx_b, scale)
 
 
-def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep_states=False):
+def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep_states=False, teacher=None):
     """Free phase, nudged phase(s), EP gradient into ``.grad``. See DESIGN.md section 2."""
-    layers, mode, readout, gain = net.layers, net.mode, net.readout, ACTIVATION_GAIN[net.activation]
+    layers, gain = net.layers, ACTIVATION_GAIN[net.activation]
     plan = net._plan(x)
     n = x.shape[0]
+    teacher = resolve_teacher(net, teacher, x)
+    grads_before = [[None if p.grad is None else p.grad.clone() for p in layer.parameters()] for layer in layers]
     with torch.no_grad():
         first = layers[0].drive(x)
         s_free, free_rep = free_phase(layers, plan, x, T1, gain, tol, check_every, first_drive=first)
@@ -189,41 +260,45 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep
             betas = torch.cat([torch.full((n,), beta, dtype=x.dtype, device=x.device),
                                torch.full((n,), -beta, dtype=x.dtype, device=x.device)])
             s2 = [torch.cat([s, s]) for s in s_star]
-            s_nud, nud_rep = nudged_phase(layers, plan, mode, readout, x2, torch.cat([y, y]), s2, betas, T2, gain,
-                                          tol, check_every, first_drive=first2)
-            s_plus = [s[:n] for s in s_nud]
-            s_minus = [s[n:] for s in s_nud]
+            s_nud, nud_rep = nudged_phase(net, plan, x2, torch.cat([y, y]), _double_teacher(teacher), s2, betas, T2,
+                                          gain, tol, check_every, first_drive=first2)
+            s_plus = [s[:n].clone() for s in s_nud]
+            s_minus = [s[n:].clone() for s in s_nud]
             contrastive_update(layers, x, s_plus, s_minus, x, -1.0 / (2.0 * beta * n))
-            readout_states = (s_plus, s_minus)
-            s_minus = [s.clone() for s in s_minus] if keep_states else None
-            s_plus = [s.clone() for s in s_plus]
+            head_states = (s_plus, s_minus)
         else:
             b = beta
             if nudging == "random-sign":
                 b = beta if torch.randint(0, 2, (1,)).item() == 1 else -beta
             betas = torch.full((n,), b, dtype=x.dtype, device=x.device)
-            s_nud, nud_rep = nudged_phase(layers, plan, mode, readout, x, y, s_star, betas, T2, gain, tol,
-                                          check_every, first_drive=first)
-            s_plus = [s.clone() for s in s_nud]
+            s_nud, nud_rep = nudged_phase(net, plan, x, y, teacher, s_star, betas, T2, gain, tol, check_every,
+                                          first_drive=first)
+            s_plus, s_minus = [s.clone() for s in s_nud], None
             contrastive_update(layers, x, s_plus, s_star, x, -1.0 / (b * n))
-            readout_states = (s_star,)
-            s_minus = None
-        # Readout: the ordinary gradient of its loss, averaged over the nudged states
-        # (symmetric) or at the free state (one-sided: the two-sided average is not available,
-        # and s* gives the unbiased value).
+            head_states = (s_star,)
         nudge_mag = [(sp - ss).abs().mean().item() for sp, ss in zip(s_plus, s_star)]
-        loss, logits = cost(mode, readout, s_star[-1], y)
-    if readout is not None:
+        grad_mag = []
+        for layer, before in zip(layers, grads_before):
+            ps = list(layer.parameters())
+            grad_mag.append(sum((p.grad - (0 if b0 is None else b0)).abs().sum().item() for p, b0 in zip(ps, before))
+                            / sum(p.numel() for p in ps))
+        total, loss, logits, aux = total_cost(net, s_star, y, teacher)
+    # Readout and signal heads: the ordinary gradient of their cost, averaged over the nudged
+    # states (symmetric) or at the free state (one-sided: no two-sided average exists, and
+    # s* gives the unbiased value). States are constants here; only head parameters learn.
+    if net.readout is not None or len(net.signals):
         with torch.enable_grad():
-            total = sum(cost(mode, readout, s[-1], y)[0] for s in readout_states) / len(readout_states)
-            total.backward()
+            c = sum(total_cost(net, s, y, teacher)[0] for s in head_states) / len(head_states)
+            if c.requires_grad:
+                c.backward()
     diagnostics = {"free": free_rep.as_dict(), "nudged": nud_rep.as_dict(), "nudge_magnitude": nudge_mag,
-                   "beta": beta, "nudging": nudging}
+                   "grad_magnitude": grad_mag, "beta": beta, "nudging": nudging,
+                   "total_cost": float(total), "signal_losses": [float(a) for a in aux]}
     kept = {"free": s_star, "plus": s_plus, "minus": s_minus} if keep_states else None
     return EPResult(loss=loss.detach(), logits=logits.detach(), diagnostics=diagnostics, states=kept)
 
 
-def bptt(net, x, y, T1):
+def bptt(net, x, y, T1, teacher=None):
     """Backpropagation through T1 free steps from zero states: the gradient EP estimates.
 
     Uses the same synapse methods under the differentiable reference ops, with a functional
@@ -231,6 +306,7 @@ def bptt(net, x, y, T1):
     """
     from ._backend import use_backend
 
+    teacher = resolve_teacher(net, teacher, x)
     layers, gain = net.layers, ACTIVATION_GAIN[net.activation]
     plan = net._plan(x)
     L = len(layers)
@@ -247,6 +323,8 @@ def bptt(net, x, y, T1):
                     total = total + layers[l + 1].top_down(states[l + 1], drives[l + 1][1], shapes[l + 1])
                 new.append(torch.clamp(gain * total, 0.0, 1.0))
             states = new
-        loss, logits = cost(net.mode, net.readout, states[-1], y)
-        loss.backward()
-    return EPResult(loss=loss.detach(), logits=logits.detach(), diagnostics={"T1": T1})
+        total, loss, logits, aux = total_cost(net, states, y, teacher)
+        total.backward()
+    return EPResult(loss=loss.detach(), logits=logits.detach(),
+                    diagnostics={"T1": T1, "total_cost": float(total.detach()),
+                                 "signal_losses": [float(a.detach()) for a in aux]})

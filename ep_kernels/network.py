@@ -9,6 +9,7 @@ import torch
 import torch.nn as nn
 
 from . import engine
+from .intermediate import IntermediateSignal
 from .layers import EPConv2d, EPLinear
 
 
@@ -34,7 +35,7 @@ class EPNetwork(nn.Module):
     """
 
     def __init__(self, *layers, readout=None, activation="hardsigmoid_half", T1=30, T2=10, beta=0.5,
-                 nudging="symmetric", tol=None, check_every=10):
+                 nudging="symmetric", tol=None, check_every=10, signals=()):
         super().__init__()
         if not layers:
             raise ValueError("EPNetwork needs at least one layer")
@@ -49,6 +50,14 @@ class EPNetwork(nn.Module):
             raise ValueError(f"nudging must be one of {engine.NUDGING}, got {nudging!r}")
         self.layers = nn.ModuleList(layers)
         self.readout = readout
+        for i, sig in enumerate(signals):
+            if not isinstance(sig, IntermediateSignal):
+                raise TypeError(f"signals[{i}] must be an IntermediateSignal, got {type(sig).__name__}")
+            sig.state_index(len(layers))  # range check
+            if sig.layer == "readout" and readout is None:
+                raise ValueError("LogitDistillation(layer='readout') needs a readout (cross-entropy mode)")
+        # Training-only terms of the cost (DESIGN.md section 4); empty for plain EP.
+        self.signals = nn.ModuleList(signals)
         self.activation = activation
         self.T1, self.T2 = _check_steps("T1", T1), _check_steps("T2", T2)
         self.beta = _check_beta(beta)
@@ -139,13 +148,15 @@ class EPNetwork(nn.Module):
                 return self.readout(states[-1].flatten(1))
             return states[-1].flatten(1)
 
-    def ep_backward(self, x, y, beta=None, T1=None, T2=None, nudging=None, tol=None, keep_states=False):
+    def ep_backward(self, x, y, beta=None, T1=None, T2=None, nudging=None, tol=None, keep_states=False,
+                    teacher=None):
         """Free and nudged phases; accumulates the EP gradient into every ``.grad``.
 
         Returns an ``EPResult`` with the loss and logits at the free equilibrium and
         diagnostics: each phase's steps and per-layer residual (last max |s_t - s_{t-1}|),
         and the per-layer mean |s+ - s*|. ``keep_states=True`` also returns the states
-        (``res.states["free" | "plus" | "minus"]``).
+        (``res.states["free" | "plus" | "minus"]``). ``teacher``: distillation targets, a dict
+        ``{"features": {layer: tensor}, "logits": tensor}`` or a callable giving one for ``x``.
         """
         self._check_x(x)
         self._check_y(y, x)
@@ -157,13 +168,13 @@ class EPNetwork(nn.Module):
         if nudging not in engine.NUDGING:
             raise ValueError(f"nudging must be one of {engine.NUDGING}, got {nudging!r}")
         return engine.ep_backward(self, x, y, beta, T1, T2, nudging, tol if tol is not None else self.tol,
-                                  self.check_every, keep_states)
+                                  self.check_every, keep_states, teacher)
 
-    def bptt_backward(self, x, y, T1=None):
+    def bptt_backward(self, x, y, T1=None, teacher=None):
         """Backpropagation through the T1 free steps; accumulates the exact gradient of the
         loss at s(T1) into every ``.grad``. Memory grows with T1."""
         self._check_x(x)
         self._check_y(y, x)
         self._check_params()
         T1 = self.T1 if T1 is None else _check_steps("T1", T1)
-        return engine.bptt(self, x, y, T1)
+        return engine.bptt(self, x, y, T1, teacher)
