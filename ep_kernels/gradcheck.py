@@ -37,7 +37,8 @@ def _switches(net, x, s_a, s_b):
     return out
 
 
-def gradcheck(net, x, y, beta=1e-3, T1=300, T2=100, nudging="symmetric", dtype=torch.float64, gdu=True):
+def gradcheck(net, x, y, beta=1e-3, T1=300, T2=100, nudging="symmetric", dtype=torch.float64, gdu=True,
+              teacher=None):
     """Compare EP (fast path) with BPTT (independent reference) on one batch.
 
     The network is copied and cast to ``dtype``; it is not modified. Returns a dict that is
@@ -47,16 +48,23 @@ def gradcheck(net, x, y, beta=1e-3, T1=300, T2=100, nudging="symmetric", dtype=t
         raise TypeError(f"net must be an EPNetwork, got {type(net).__name__}")
     net = copy.deepcopy(net).to(dtype)
     x = x.to(dtype)
+    if teacher is not None and callable(teacher) and not isinstance(teacher, dict):
+        with torch.no_grad():
+            teacher = teacher(x)
+    if teacher is not None:
+        teacher = {k: ({i: t.to(dtype) for i, t in v.items()} if isinstance(v, dict) else v.to(dtype))
+                   for k, v in teacher.items()}
     net.zero_grad(set_to_none=True)
-    res = net.ep_backward(x, y, beta=beta, T1=T1, T2=T2, nudging=nudging, keep_states=True)
+    res = net.ep_backward(x, y, beta=beta, T1=T1, T2=T2, nudging=nudging, keep_states=True, teacher=teacher)
     g_ep = {n: p.grad.detach().clone() for n, p in net.named_parameters()}
     ref = ep_reference.ReferenceNet.from_module(net)
-    bp = ep_reference.bptt_gradient(ref, x, y, T1)
+    bp = ep_reference.bptt_gradient(ref, x, y, T1, teacher=teacher)
     second = res.states["minus"] if res.states["minus"] is not None else res.states["free"]
     report = {
         "config": {"beta": beta, "T1": T1, "T2": T2, "nudging": nudging, "dtype": str(dtype).replace("torch.", ""),
                    "batch": int(x.shape[0]), "activation": net.activation, "mode": net.mode},
         "loss": float(res.loss),
+        "total_cost": res.diagnostics["total_cost"],
         "residual": {"free": res.diagnostics["free"]["residual"], "nudged": res.diagnostics["nudged"]["residual"]},
         "switches": _switches(net, x, res.states["plus"], second),
         "params": {},
@@ -65,7 +73,7 @@ def gradcheck(net, x, y, beta=1e-3, T1=300, T2=100, nudging="symmetric", dtype=t
         report["params"][name] = {"cosine": cos, "relerr": rel, "norm_ep": float(g_ep[name].norm()),
                                   "norm_bptt": float(bp.grads[name].norm())}
     if gdu:
-        curves = ep_reference.gdu_curves(ref, x, y, beta, T1, T2)
+        curves = ep_reference.gdu_curves(ref, x, y, beta, T1, T2, teacher=teacher)
         report["gdu"] = {}
         for name in curves.ep:
             e, b = curves.ep[name].flatten(1), curves.bptt[name].flatten(1)

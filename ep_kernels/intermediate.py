@@ -76,6 +76,8 @@ class FeatureDistillation(IntermediateSignal):
 
     def __init__(self, layer, channels, teacher_channels=None, weight=1.0, conv=True):
         super().__init__(layer, weight)
+        if layer == "readout":
+            raise ValueError("FeatureDistillation needs a hidden layer index, not 'readout'")
         tc = channels if teacher_channels is None else teacher_channels
         self.map = nn.Conv2d(channels, tc, 1) if conv else nn.Linear(channels, tc)
         with torch.no_grad():  # start as the identity where shapes allow: s_l already mimics t_l
@@ -85,6 +87,9 @@ class FeatureDistillation(IntermediateSignal):
 
     def loss(self, s, y, teacher, readout=None):
         t = _teacher_part(teacher, "features", self.layer)
+        if isinstance(self.map, nn.Linear) and s.dim() != 2:
+            raise ValueError(f"FeatureDistillation(conv=False) needs a 1-D state per example, layer {self.layer} "
+                             f"has shape {tuple(s.shape[1:])}; use conv=True (a 1x1 convolution)")
         m = self.map(s)
         if m.shape != t.shape:
             raise ValueError(f"feature distillation at layer {self.layer}: mapped state {tuple(m.shape)} "
@@ -133,7 +138,11 @@ def kd_loss(logits, teacher_logits, tau):
 def _teacher_part(teacher, key, layer=None):
     if teacher is None:
         raise ValueError("a distillation signal needs teacher targets: pass teacher=... to ep_backward")
-    part = teacher[key]
+    part = teacher.get(key)
+    if part is None:
+        what = "logits" if key == "logits" else f"features (for layer {layer})"
+        raise ValueError(f"the teacher targets have no {key!r} entry: a distillation signal needs the teacher's "
+                         f"{what}")
     if layer is None:
         return part
     if layer not in part:

@@ -9,7 +9,8 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .dynamics import cost, free_phase, init_states, logits, nudged_phase, phi, relax, step
+from .dynamics import (cost, free_phase, init_states, logits, nudged_phase, output_cost, phi, relax,
+                       resolve_teacher, signal_loss, step)
 
 
 def phi_param_grads(ref, x, states):
@@ -28,42 +29,62 @@ def phi_param_grads(ref, x, states):
     return dict(zip(names, g))
 
 
-def readout_grads(ref, states, y):
-    """Ordinary gradient of the batch-mean CE loss w.r.t. the readout, at fixed ``states``."""
-    names = ref.readout_param_names
+def head_grads(ref, states, y, teacher=None):
+    """Ordinary gradient of the batch-mean cost ``C`` (output loss + ``lambda_l L_l``) w.r.t.
+    everything outside Phi (readout, signal heads and maps), at fixed ``states``."""
+    names = ref.head_param_names
+    if not names:
+        return {}
     params = dict(ref.params)
     for n in names:
         params[n] = params[n].detach().requires_grad_()
     with torch.enable_grad():
-        loss = cost(ref, [s.detach() for s in states], y, params).mean()
-        g = torch.autograd.grad(loss, [params[n] for n in names])
-    return dict(zip(names, g))
+        loss = cost(ref, [s.detach() for s in states], y, params, teacher).mean()
+        g = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    return {n: torch.zeros_like(params[n]) if gi is None else gi for n, gi in zip(names, g)}
+
+
+def readout_grads(ref, states, y, teacher=None):
+    """:func:`head_grads` restricted to the readout (kept for older callers)."""
+    g = head_grads(ref, states, y, teacher)
+    return {n: g[n] for n in ref.readout_param_names}
 
 
 @dataclass
 class EPResult:
     grads: Dict[str, torch.Tensor]
-    loss: torch.Tensor  # batch-mean C(s*)
+    loss: torch.Tensor  # batch-mean C(s*), the total cost (output + weighted signals)
     logits: Optional[torch.Tensor]  # readout at s* (CE mode), else None
     s_free: List[torch.Tensor]
     s_pos: List[torch.Tensor]
     s_neg: Optional[List[torch.Tensor]]  # None for one-sided
+    output_loss: Optional[torch.Tensor] = None  # batch-mean L_out(s*)
+    signal_losses: Optional[List[torch.Tensor]] = None  # batch-mean L_l(s*) per signal, unweighted
 
 
-def ep_gradient(ref, x, y, beta, T1, T2, nudging="symmetric"):
-    """EP estimate of ``d mean_n C(s*) / dtheta`` for every parameter (readout included).
+def _losses(ref, states, y, teacher):
+    with torch.no_grad():
+        return (output_cost(ref, states, y).mean(),
+                [signal_loss(ref, sig, states, y, teacher=teacher).mean() for sig in ref.signals])
+
+
+def ep_gradient(ref, x, y, beta, T1, T2, nudging="symmetric", teacher=None):
+    """EP estimate of ``d mean_n C(s*) / dtheta`` for every parameter (readout, heads and
+    maps included); ``C`` includes the intermediate signals, ``teacher`` their targets.
 
     symmetric: ``-(1/(2 beta)) (dPhi/dtheta(s+) - dPhi/dtheta(s-)) / N`` (bias O(beta^2));
     one-sided: ``-(1/beta) (dPhi/dtheta(s+) - dPhi/dtheta(s*)) / N`` (bias O(beta)).
-    Readout: mean-CE gradient averaged over s+ and s- (symmetric) or at s* (one-sided).
+    Readout, heads, maps: ordinary gradient of the mean cost averaged over s+ and s-
+    (symmetric) or at s* (one-sided).
     """
     if beta == 0:
         raise ValueError("beta must be non-zero")
+    teacher = resolve_teacher(ref, teacher, x)
     n = x.shape[0]
     s_free = free_phase(ref, x, T1)
-    s_pos = nudged_phase(ref, x, y, s_free, beta, T2)
+    s_pos = nudged_phase(ref, x, y, s_free, beta, T2, teacher=teacher)
     if nudging == "symmetric":
-        s_neg = nudged_phase(ref, x, y, s_free, -beta, T2)
+        s_neg = nudged_phase(ref, x, y, s_free, -beta, T2, teacher=teacher)
         low, scale, ro_states = s_neg, 1.0 / (2.0 * beta), [s_pos, s_neg]
     elif nudging == "one-sided":
         s_neg = None
@@ -72,19 +93,22 @@ def ep_gradient(ref, x, y, beta, T1, T2, nudging="symmetric"):
         raise ValueError(f"nudging must be 'symmetric' or 'one-sided', got {nudging!r}")
     gp, gl = phi_param_grads(ref, x, s_pos), phi_param_grads(ref, x, low)
     grads = {k: -scale * (gp[k] - gl[k]) / n for k in gp}
-    if ref.mode == "ce":
-        ros = [readout_grads(ref, s, y) for s in ro_states]
+    if ref.head_param_names:
+        ros = [head_grads(ref, s, y, teacher) for s in ro_states]
         grads.update({k: sum(r[k] for r in ros) / len(ros) for k in ros[0]})
     grads = {k: grads[k] for k in ref.params}  # parameter order
-    return EPResult(grads, cost(ref, s_free, y).mean(),
-                    logits(ref, s_free) if ref.mode == "ce" else None, s_free, s_pos, s_neg)
+    out, sig = _losses(ref, s_free, y, teacher)
+    return EPResult(grads, cost(ref, s_free, y, teacher=teacher).mean(),
+                    logits(ref, s_free) if ref.mode == "ce" else None, s_free, s_pos, s_neg, out, sig)
 
 
 @dataclass
 class BPTTResult:
     grads: Dict[str, torch.Tensor]
-    loss: torch.Tensor  # batch-mean C(s(T1)), detached
+    loss: torch.Tensor  # batch-mean C(s(T1)) (total cost), detached
     states: List[torch.Tensor]  # s(T1), detached
+    output_loss: Optional[torch.Tensor] = None
+    signal_losses: Optional[List[torch.Tensor]] = None
 
 
 def _leaf_params(ref, names):
@@ -94,23 +118,27 @@ def _leaf_params(ref, names):
     return p
 
 
-def bptt_gradient(ref, x, y, T1):
-    """Gradient of ``mean_n C(s(T1))`` by backpropagation through ``T1`` free steps from zero.
+def bptt_gradient(ref, x, y, T1, teacher=None):
+    """Gradient of ``mean_n C(s(T1))`` by backpropagation through ``T1`` free steps from zero;
+    ``C`` includes the intermediate signals (``teacher``: their distillation targets).
 
     Each step is ``sigma(dPhi/ds)`` taken with ``create_graph=True``, so the backward pass
     differentiates through the autograd step itself (double backward), argmax positions
     being those of each step.
     """
+    teacher = resolve_teacher(ref, teacher, x)
     names = list(ref.params)
     params = _leaf_params(ref, names)
     with torch.enable_grad():
         states = init_states(ref, x)
         for _ in range(T1):
             states = step(ref, x, states, params=params, create_graph=True)
-        loss = cost(ref, states, y, params).mean()
+        loss = cost(ref, states, y, params, teacher).mean()
         g = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
     grads = {n: torch.zeros_like(params[n]) if gi is None else gi for n, gi in zip(names, g)}
-    return BPTTResult(grads, loss.detach(), [s.detach() for s in states])
+    states = [s.detach() for s in states]
+    out, sig = _losses(ref, states, y, teacher)
+    return BPTTResult(grads, loss.detach(), states, out, sig)
 
 
 @dataclass
@@ -123,7 +151,7 @@ class GDUCurves:
     bptt_cum: Dict[str, torch.Tensor]
 
 
-def gdu_curves(ref, x, y, beta, T1, T2):
+def gdu_curves(ref, x, y, beta, T1, T2, teacher=None):
     """The "gradient-descending updates" comparison of Ernoult et al. 2019 (layer params).
 
     (a) EP, one-sided +beta from s* = s(T1): ``-(1/beta)(dPhi/dtheta(s_{t+1}) -
@@ -131,13 +159,15 @@ def gdu_curves(ref, x, y, beta, T1, T2):
     (b) BPTT: the gradient of ``mean_n C(s(T1))`` w.r.t. the parameters used in step
         ``T1-1-t`` only: the free phase runs to ``T1-T2`` without graph, then each of the last
         ``T2`` steps gets its own leaf copy of the parameters, and one backward reads them all.
-    The readout takes no part in the steps, so it has no curve.
+    The readout, heads and maps take no part in the steps, so they have no curve; the cost
+    (and so the nudge) includes the intermediate signals (``teacher``: their targets).
     """
     if not 0 < T2 <= T1:
         raise ValueError("need 0 < T2 <= T1")
+    teacher = resolve_teacher(ref, teacher, x)
     n, names = x.shape[0], ref.layer_param_names
     s_free = free_phase(ref, x, T1)
-    _, traj = relax(ref, x, y, beta, T2, states=s_free, return_trajectory=True)
+    _, traj = relax(ref, x, y, beta, T2, states=s_free, return_trajectory=True, teacher=teacher)
     dphi = [phi_param_grads(ref, x, s) for s in traj]
     ep = {k: torch.stack([-(dphi[t + 1][k] - dphi[t][k]) / (beta * n) for t in range(T2)])
           for k in names}
@@ -148,7 +178,7 @@ def gdu_curves(ref, x, y, beta, T1, T2):
         for _ in range(T2):
             copies.append(_leaf_params(ref, names))
             states = step(ref, x, states, params=copies[-1], create_graph=True)
-        loss = cost(ref, states, y).mean()
+        loss = cost(ref, states, y, teacher=teacher).mean()
         leaves = [c[k] for c in reversed(copies) for k in names]  # t = 0 is the last step
         g = torch.autograd.grad(loss, leaves, allow_unused=True)
     g = [torch.zeros_like(p) if gi is None else gi for gi, p in zip(g, leaves)]
