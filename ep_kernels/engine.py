@@ -211,9 +211,13 @@ def resolve_teacher(net, teacher, x):
         if needs:
             raise ValueError("this network has distillation signals: pass teacher=... to ep_backward")
         return None
-    if callable(teacher):
+    if not isinstance(teacher, dict):
+        # A Teacher module (its .targets gives features and logits) or any callable.
+        fn = getattr(teacher, "targets", teacher)
+        if not callable(fn):
+            raise TypeError("teacher must be a dict of targets, a Teacher, or a callable returning targets")
         with torch.no_grad():
-            teacher = teacher(x)
+            teacher = fn(x)
     if not isinstance(teacher, dict):
         raise TypeError("teacher must be a dict {'features': {layer: tensor}, 'logits': tensor} or a callable "
                         "returning one")

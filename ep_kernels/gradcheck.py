@@ -48,9 +48,9 @@ def gradcheck(net, x, y, beta=1e-3, T1=300, T2=100, nudging="symmetric", dtype=t
         raise TypeError(f"net must be an EPNetwork, got {type(net).__name__}")
     net = copy.deepcopy(net).to(dtype)
     x = x.to(dtype)
-    if teacher is not None and callable(teacher) and not isinstance(teacher, dict):
+    if teacher is not None and not isinstance(teacher, dict):
         with torch.no_grad():
-            teacher = teacher(x)
+            teacher = getattr(teacher, "targets", teacher)(x)
     if teacher is not None:
         teacher = {k: ({i: t.to(dtype) for i, t in v.items()} if isinstance(v, dict) else v.to(dtype))
                    for k, v in teacher.items()}
