@@ -11,13 +11,19 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(ep_kernels, m) {
+  // The fake (meta) kernels are Python (torch.library.register_fake) in this module; torch
+  // imports it when a fake kernel is needed and checks that the registrations come from it.
+  m.set_python_module("ep_kernels.ops._fake");
   m.def(
       "conv_pool_drive(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, int pool) -> (Tensor, Tensor)");
   m.def(
       "pool_conv_transpose(Tensor s, Tensor indices, Tensor weight, int[2] input_size, "
       "int[2] conv_out_size, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "int pool) -> Tensor");
+      "int pool, Tensor? packed_weight=None) -> Tensor");
+  // The weight layout pool_conv_transpose's sparse kernel reads (float32/float64): pack once
+  // per weight update and pass it as packed_weight, instead of packing on every call.
+  m.def("pack_top_down_weight(Tensor weight) -> Tensor");
   m.def(
       "state_update(Tensor drive, Tensor? top_down, Tensor? nudge, Tensor? prev, float gain, "
       "Tensor(a!) out) -> Tensor");

@@ -1,28 +1,110 @@
-// Contrastive conv weight update, both states in one weight-gradient: stacking
-// [x_a; x_b] with output-gradients [U(s_a); -U(s_b)] along the batch gives
-// dW(a) - dW(b) in one convolution pass, accumulated into grad_weight in place.
+// Contrastive conv weight update: grad_weight += scale * (dW(x_a, U(s_a)) - dW(x_b, U(s_b))),
+// grad_bias += scale * (sum s_a - sum s_b), in place.
+//
+// Which path runs (a fixed rule):
+//   - pool > 1, float32/float64: the sparse kernel of sparse_weight_grad.h, both states in
+//     one pass over their argmax positions only (1/k^2 of the dense work);
+//   - pool == 1 or bfloat16/float16: ATen's convolution weight-gradient per state, the same
+//     calls as the reference.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "common.h"
+#include "sparse_weight_grad.h"
+
 namespace ep_kernels {
 namespace {
+
+constexpr const char* kOp = "contrastive_conv_grad";
 
 void contrastive_conv_grad_cpu(const at::Tensor& x_a, const at::Tensor& s_a, const at::Tensor& idx_a,
                                const at::Tensor& x_b, const at::Tensor& s_b, const at::Tensor& idx_b,
                                at::IntArrayRef conv_out_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups, int64_t pool, double scale,
                                at::Tensor& grad_weight, const c10::optional<at::Tensor>& grad_bias) {
-  TORCH_CHECK(x_a.sizes() == x_b.sizes() && s_a.sizes() == s_b.sizes(),
-              "contrastive_conv_grad: the two states must have equal shapes");
-  auto unpool = [&](const at::Tensor& s, const at::Tensor& idx) {
-    return pool > 1 ? at::max_unpool2d(s, idx, conv_out_size) : s;
-  };
-  auto x = at::cat({x_a, x_b}, 0);
-  auto g = at::cat({unpool(s_a, idx_a), unpool(s_b, idx_b).neg()}, 0);
-  auto res = at::convolution_backward(g, x, grad_weight, c10::nullopt, stride, padding, dilation, false, {0, 0},
-                                      groups, {false, true, false});
-  grad_weight.add_(std::get<1>(res), scale);
-  if (grad_bias) {
+  check_cpu(grad_weight, kOp, "grad_weight");
+  check_dim(grad_weight, 4, kOp, "grad_weight");
+  check_floating(grad_weight, kOp, "grad_weight");
+  const std::pair<const at::Tensor*, const char*> states[] = {{&x_a, "x_a"}, {&s_a, "s_a"}, {&x_b, "x_b"},
+                                                              {&s_b, "s_b"}};
+  for (const auto& [t, name] : states) {
+    check_cpu(*t, kOp, name);
+    check_dim(*t, 4, kOp, name);
+    check_same_dtype(*t, grad_weight, kOp, name, "grad_weight");
+  }
+  TORCH_CHECK(x_a.sizes() == x_b.sizes(), kOp, ": x_a has shape ", x_a.sizes(), " but x_b has ", x_b.sizes());
+  TORCH_CHECK(s_a.sizes() == s_b.sizes(), kOp, ": s_a has shape ", s_a.sizes(), " but s_b has ", s_b.sizes());
+  TORCH_CHECK(x_a.size(0) == s_a.size(0), kOp, ": x_a has batch ", x_a.size(0), " but s_a has ", s_a.size(0));
+  check_conv_params(stride, padding, dilation, groups, pool, kOp);
+  check_weight(grad_weight, x_a.size(1), groups, kOp, "x_a");
+  TORCH_CHECK(s_a.size(1) == grad_weight.size(0), kOp, ": s_a has ", s_a.size(1),
+              " channels but grad_weight has ", grad_weight.size(0), " output channels");
+  TORCH_CHECK(conv_out_size.size() == 2, kOp, ": conv_out_size must have 2 entries, got ", conv_out_size);
+  const auto hw = conv_out_hw(x_a.size(2), x_a.size(3), grad_weight, stride, padding, dilation);
+  TORCH_CHECK(hw[0] == conv_out_size[0] && hw[1] == conv_out_size[1], kOp, ": conv_out_size ", conv_out_size,
+              " does not match the convolution of x_a (which gives [", hw[0], ", ", hw[1], "])");
+  if (pool > 1) {
+    check_index_tensor(idx_a, s_a, kOp, "idx_a", "s_a");
+    check_index_tensor(idx_b, s_b, kOp, "idx_b", "s_b");
+    TORCH_CHECK(s_a.size(2) == conv_out_size[0] / pool && s_a.size(3) == conv_out_size[1] / pool, kOp,
+                ": s_a has spatial size [", s_a.size(2), ", ", s_a.size(3), "] but conv_out_size // pool is [",
+                conv_out_size[0] / pool, ", ", conv_out_size[1] / pool, "]");
+  } else {
+    TORCH_CHECK(s_a.size(2) == conv_out_size[0] && s_a.size(3) == conv_out_size[1], kOp,
+                ": s_a has spatial size [", s_a.size(2), ", ", s_a.size(3), "] but conv_out_size is ",
+                conv_out_size);
+  }
+  if (grad_bias.has_value() && grad_bias->defined()) {
+    check_cpu(*grad_bias, kOp, "grad_bias");
+    check_dim(*grad_bias, 1, kOp, "grad_bias");
+    check_same_dtype(*grad_bias, grad_weight, kOp, "grad_bias", "grad_weight");
+    TORCH_CHECK(grad_bias->size(0) == grad_weight.size(0), kOp, ": grad_bias has ", grad_bias->size(0),
+                " entries for ", grad_weight.size(0), " output channels");
+  }
+
+  const bool has_bias = grad_bias.has_value() && grad_bias->defined();
+  const auto st = grad_weight.scalar_type();
+  if (pool > 1 && (st == at::kFloat || st == at::kDouble)) {
+    sparse_td::Geometry g{};
+    g.n = x_a.size(0);
+    g.c_out = s_a.size(1);
+    g.groups = groups;
+    g.cog = g.c_out / groups;
+    g.cig = grad_weight.size(1);
+    g.c_in = x_a.size(1);
+    g.h = x_a.size(2);
+    g.w = x_a.size(3);
+    g.hc = conv_out_size[0];
+    g.wc = conv_out_size[1];
+    g.hp = s_a.size(2);
+    g.wp = s_a.size(3);
+    g.kh = grad_weight.size(2);
+    g.kw = grad_weight.size(3);
+    g.sy = stride[0];
+    g.sx = stride[1];
+    g.py = padding[0];
+    g.px = padding[1];
+    g.dy = dilation[0];
+    g.dx = dilation[1];
+    g.k = pool;
+    bool ok = true;
+    AT_DISPATCH_FLOATING_TYPES(st, "contrastive_conv_grad_sparse", [&] {
+      ok = sparse_wg::accumulate<scalar_t>(g, x_a, s_a, idx_a, x_b, s_b, idx_b, scale, grad_weight);
+    });
+    TORCH_CHECK(ok, kOp, ": an index of idx_a or idx_b is outside its ", pool, "x", pool,
+                " pooling window (indices must come from a max-pool of stride ", pool, " over the ",
+                conv_out_size[0], "x", conv_out_size[1], " convolution output); grad_weight was not modified");
+  } else {
+    auto dw = [&](const at::Tensor& x, const at::Tensor& s, const at::Tensor& idx) {
+      auto u = pool > 1 ? at::max_unpool2d(s, idx, conv_out_size) : s;
+      auto res = at::convolution_backward(u, x, grad_weight, c10::nullopt, stride, padding, dilation, false,
+                                          {0, 0}, groups, {false, true, false});
+      return std::get<1>(res);
+    };
+    auto d = dw(x_a, s_a, idx_a) - dw(x_b, s_b, idx_b);
+    grad_weight.add_(d, scale);
+  }
+  if (has_bias) {
     auto gb = *grad_bias;
     gb.add_(s_a.sum({0, 2, 3}) - s_b.sum({0, 2, 3}), scale);
   }

@@ -10,6 +10,8 @@ Autograd: ``conv_pool_drive`` and ``pool_conv_transpose`` are differentiable (ar
 fixed, as everywhere in EP), so the compiled ops may sit inside an autograd graph (BPTT).
 ``state_update`` (it writes into ``out``) and ``contrastive_conv_grad`` (it accumulates into a
 gradient) have no autograd formula; their wrappers refuse inputs that require grad.
+``pool_conv_transpose``'s ``packed_weight`` is a layout of ``weight`` (no gradient of its own:
+pass it only where no gradient is needed, or let the op pack the weight itself).
 """
 import torch
 import torch.nn.functional as F
@@ -41,7 +43,7 @@ def _conv_pool_drive_fake(x, weight, bias, stride, padding, dilation, groups, po
 
 
 def _pool_conv_transpose_fake(s, indices, weight, input_size, conv_out_size, stride, padding, dilation, groups,
-                              pool):
+                              pool, packed_weight=None):
     _check(s.dim() == 4 and weight.dim() == 4, "pool_conv_transpose: s and weight must be 4-D")
     _check(s.dtype == weight.dtype, "pool_conv_transpose: weight dtype differs from s's")
     _check(s.shape[1] == weight.shape[0], "pool_conv_transpose: s channels != weight output channels")
@@ -49,6 +51,21 @@ def _pool_conv_transpose_fake(s, indices, weight, input_size, conv_out_size, str
         _check(indices.shape == s.shape and indices.dtype == torch.int64,
                "pool_conv_transpose: indices must be int64 with the shape of s")
     return s.new_empty((s.shape[0], weight.shape[1] * groups, input_size[0], input_size[1]))
+
+
+def packed_numel(weight_shape, dtype):
+    """Elements of pack_top_down_weight(weight): [chunk][C_out][kh*kw][cw], cw input channels
+    per chunk (one 64-byte vector if the group's input channels fit, else two)."""
+    c_out, cig, kh, kw = weight_shape
+    lanes = 64 // torch.empty((), dtype=dtype).element_size()
+    cw = lanes if cig <= lanes else 2 * lanes
+    return ((cig + cw - 1) // cw) * c_out * kh * kw * cw
+
+
+def _pack_top_down_weight_fake(weight):
+    _check(weight.dim() == 4, "pack_top_down_weight: weight must be 4-D")
+    _check(weight.dtype in (torch.float32, torch.float64), "pack_top_down_weight: float32/float64 only")
+    return weight.new_empty((packed_numel(tuple(weight.shape), weight.dtype),))
 
 
 def _state_update_fake(drive, top_down, nudge, prev, gain, out):
@@ -84,10 +101,11 @@ def _cpd_setup(ctx, inputs, output):
     x, weight, bias, stride, padding, dilation, groups, pool = inputs
     ctx.save_for_backward(x, weight, output[1])
     ctx.conf = (list(stride), list(padding), list(dilation), groups, pool, bias is not None)
-    ctx.conv_hw = None
 
 
 def _cpd_backward(ctx, grad_drive, grad_idx):
+    if grad_drive is None:
+        return (None,) * 8
     x, weight, idx = ctx.saved_tensors
     stride, padding, dilation, groups, pool, has_bias = ctx.conf
     hc = _conv_out(x.shape[2], weight.shape[2], stride[0], padding[0], dilation[0])
@@ -101,12 +119,14 @@ def _cpd_backward(ctx, grad_drive, grad_idx):
 
 
 def _pct_setup(ctx, inputs, output):
-    s, indices, weight, input_size, conv_out_size, stride, padding, dilation, groups, pool = inputs
+    s, indices, weight, input_size, conv_out_size, stride, padding, dilation, groups, pool = inputs[:10]
     ctx.save_for_backward(s, indices, weight)
     ctx.conf = (list(conv_out_size), list(stride), list(padding), list(dilation), groups, pool)
 
 
 def _pct_backward(ctx, grad_out):
+    if grad_out is None:
+        return (None,) * 11
     s, indices, weight = ctx.saved_tensors
     conv_out_size, stride, padding, dilation, groups, pool = ctx.conf
     gs = gw = None
@@ -117,7 +137,7 @@ def _pct_backward(ctx, grad_out):
     if ctx.needs_input_grad[2]:
         u = _unpool(s, indices, pool, conv_out_size)
         gw = torch.nn.grad.conv2d_weight(grad_out, weight.shape, u, stride, padding, dilation, groups)
-    return gs, None, gw, None, None, None, None, None, None, None
+    return gs, None, gw, None, None, None, None, None, None, None, None
 
 
 _REGISTERED = False
@@ -130,6 +150,7 @@ def register():
         return
     torch.library.register_fake("ep_kernels::conv_pool_drive", _conv_pool_drive_fake)
     torch.library.register_fake("ep_kernels::pool_conv_transpose", _pool_conv_transpose_fake)
+    torch.library.register_fake("ep_kernels::pack_top_down_weight", _pack_top_down_weight_fake)
     torch.library.register_fake("ep_kernels::state_update", _state_update_fake)
     torch.library.register_fake("ep_kernels::contrastive_conv_grad", _contrastive_conv_grad_fake)
     torch.library.register_autograd("ep_kernels::conv_pool_drive", _cpd_backward, setup_context=_cpd_setup)

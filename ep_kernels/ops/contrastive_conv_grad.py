@@ -9,7 +9,8 @@ batch, and ``dPhi/db`` is the per-channel sum of ``s``. With ``scale = -1/(2 bet
 import torch
 import torch.nn.functional as F
 
-from ._common import check_float, check_tensor, compiled_op, dispatch, pair
+from ._common import check_conv_params, check_float, check_no_grad, check_tensor, compiled_op, \
+    conv_out_size as _conv_out, dispatch, pair
 
 
 def _phi_grad_weight(x, s, idx, weight_shape, conv_out_size, stride, padding, dilation, groups, pool):
@@ -31,13 +32,31 @@ def contrastive_conv_grad(x_a, s_a, idx_a, x_b, s_b, idx_b, conv_out_size, strid
                           groups, pool, scale, grad_weight, grad_bias=None):
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     conv_out_size = pair(conv_out_size, "conv_out_size")
+    check_conv_params(stride, padding, dilation, groups, pool)
     check_tensor(grad_weight, "grad_weight", ndim=4)
     check_float(grad_weight, "grad_weight")
     dev, dt = grad_weight.device, grad_weight.dtype
     for name, t in (("x_a", x_a), ("s_a", s_a), ("x_b", x_b), ("s_b", s_b)):
         check_tensor(t, name, ndim=4, dtype=dt, device=dev)
-    if x_a.shape != x_b.shape or s_a.shape != s_b.shape:
-        raise ValueError("the two states must have the same shapes")
+    if x_a.shape != x_b.shape:
+        raise ValueError(f"x_a shape {tuple(x_a.shape)} != x_b shape {tuple(x_b.shape)}")
+    if s_a.shape != s_b.shape:
+        raise ValueError(f"s_a shape {tuple(s_a.shape)} != s_b shape {tuple(s_b.shape)}")
+    if x_a.shape[0] != s_a.shape[0]:
+        raise ValueError(f"x_a has batch {x_a.shape[0]} but s_a has {s_a.shape[0]}")
+    if x_a.shape[1] != grad_weight.shape[1] * groups:
+        raise ValueError(f"x_a has {x_a.shape[1]} channels but grad_weight {tuple(grad_weight.shape)} with "
+                         f"groups={groups} expects {grad_weight.shape[1] * groups}")
+    if s_a.shape[1] != grad_weight.shape[0]:
+        raise ValueError(f"s_a has {s_a.shape[1]} channels but grad_weight has {grad_weight.shape[0]} "
+                         "output channels")
+    expected = _conv_out(x_a.shape[2:], grad_weight.shape[2:], stride, padding, dilation)
+    if list(conv_out_size) != expected:
+        raise ValueError(f"conv_out_size {list(conv_out_size)} does not match the convolution of x_a "
+                         f"(which gives {expected})")
+    exp_s = [c // pool for c in conv_out_size]
+    if list(s_a.shape[2:]) != exp_s:
+        raise ValueError(f"s_a spatial size {tuple(s_a.shape[2:])} != conv_out_size // pool = {tuple(exp_s)}")
     if pool > 1:
         for name, t in (("idx_a", idx_a), ("idx_b", idx_b)):
             check_tensor(t, name, ndim=4, dtype=torch.int64, device=dev)
@@ -45,8 +64,12 @@ def contrastive_conv_grad(x_a, s_a, idx_a, x_b, s_b, idx_b, conv_out_size, strid
                 raise ValueError(f"{name} shape {tuple(t.shape)} != state shape {tuple(s_a.shape)}")
     if grad_bias is not None:
         check_tensor(grad_bias, "grad_bias", ndim=1, dtype=dt, device=dev)
+        if grad_bias.shape[0] != grad_weight.shape[0]:
+            raise ValueError(f"grad_bias has {grad_bias.shape[0]} entries for {grad_weight.shape[0]} output channels")
     if dispatch(dev) == "reference":
         return contrastive_conv_grad_ref(x_a, s_a, idx_a, x_b, s_b, idx_b, conv_out_size, stride, padding,
                                          dilation, groups, pool, float(scale), grad_weight, grad_bias)
+    check_no_grad("contrastive_conv_grad", (("x_a", x_a), ("s_a", s_a), ("x_b", x_b), ("s_b", s_b),
+                                            ("grad_weight", grad_weight), ("grad_bias", grad_bias)))
     compiled_op("contrastive_conv_grad")(x_a, s_a, idx_a, x_b, s_b, idx_b, conv_out_size, stride, padding,
                                          dilation, groups, pool, float(scale), grad_weight, grad_bias)

@@ -8,7 +8,7 @@ an empty int64 tensor.
 import torch
 import torch.nn.functional as F
 
-from ._common import check_float, check_tensor, compiled_op, dispatch, pair
+from ._common import check_conv_params, check_float, check_tensor, compiled_op, conv_out_size, dispatch, pair
 
 
 def conv_pool_drive_ref(x, weight, bias, stride, padding, dilation, groups, pool):
@@ -19,6 +19,7 @@ def conv_pool_drive_ref(x, weight, bias, stride, padding, dilation, groups, pool
 
 
 def _check(x, weight, bias, stride, padding, dilation, groups, pool):
+    check_conv_params(stride, padding, dilation, groups, pool)
     check_tensor(x, "x", ndim=4)
     check_float(x, "x")
     check_tensor(weight, "weight", ndim=4, dtype=x.dtype, device=x.device)
@@ -31,8 +32,12 @@ def _check(x, weight, bias, stride, padding, dilation, groups, pool):
             f"x has {x.shape[1]} channels but the weight expects {weight.shape[1] * groups} "
             f"(weight shape {tuple(weight.shape)}, groups={groups})"
         )
-    if not isinstance(pool, int) or pool < 1:
-        raise ValueError(f"pool must be a positive int, got {pool!r}")
+    if weight.shape[0] % groups != 0:
+        raise ValueError(f"weight has {weight.shape[0]} output channels, not divisible by groups={groups}")
+    hc, wc = conv_out_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
+    if hc < pool or wc < pool:
+        raise ValueError(f"x of shape {tuple(x.shape)} gives a {hc}x{wc} convolution output, "
+                         f"too small for pool={pool}")
 
 
 def conv_pool_drive(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, pool=1):

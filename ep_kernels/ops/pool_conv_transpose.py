@@ -5,11 +5,24 @@
 transposed convolution maps it back to the input's (N, C_in, H_in, W_in) grid, i.e. the
 gradient of ``<s, P(W * x + b)>`` with respect to ``x`` with the argmax positions held fixed.
 Only 1/k^2 of the unpooled map is non-zero, which is what the compiled kernel exploits.
+
+The compiled kernel reads the weight in a packed layout. It packs it on every call unless
+given ``packed_weight=pack_top_down_weight(weight)``: pack once per weight update (e.g. once
+per ``ep_backward``) and pass it to every call with that weight. ``packed_weight`` must be the
+packing of this very weight (repack after any change of it); the reference ignores it.
+
+Compiled kernel (pool > 1, float32/float64; other cases take ATen's dense path):
+``indices`` must be those of a k x k max-pool of stride k (each inside its own window, as
+``conv_pool_drive`` produces them); others raise RuntimeError (``max_unpool2d`` would accept
+any position in the plane). Exact zeros of ``s`` are skipped, so with non-finite weights the
+result may differ from the dense reference (0 * inf); NaN in ``s`` propagates. The result
+does not depend on the number of threads.
 """
 import torch
 import torch.nn.functional as F
 
-from ._common import check_float, check_tensor, compiled_op, dispatch, pair
+from ._common import check_conv_params, check_float, check_tensor, compiled_op, conv_out_size as _conv_out, \
+    dispatch, pair
 
 
 def pool_conv_transpose_ref(s, indices, weight, input_size, conv_out_size, stride, padding, dilation, groups, pool):
@@ -24,14 +37,36 @@ def pool_conv_transpose_ref(s, indices, weight, input_size, conv_out_size, strid
     )
 
 
-def pool_conv_transpose(s, indices, weight, input_size, conv_out_size, stride=1, padding=0, dilation=1, groups=1, pool=1):
+def pack_top_down_weight(weight):
+    """The packed layout of ``weight`` for the compiled ``pool_conv_transpose``, or None when
+    the compiled kernel is not the one that will run for it (reference backend, another
+    device, a dtype other than float32/float64): passing None is always valid."""
+    check_tensor(weight, "weight", ndim=4)
+    check_float(weight, "weight")
+    if weight.dtype not in (torch.float32, torch.float64) or dispatch(weight.device) == "reference":
+        return None
+    with torch.no_grad():
+        return compiled_op("pack_top_down_weight")(weight)
+
+
+def pool_conv_transpose(s, indices, weight, input_size, conv_out_size, stride=1, padding=0, dilation=1, groups=1, pool=1,
+                        packed_weight=None):
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     input_size, conv_out_size = pair(input_size, "input_size"), pair(conv_out_size, "conv_out_size")
+    check_conv_params(stride, padding, dilation, groups, pool)
     check_tensor(s, "s", ndim=4)
     check_float(s, "s")
     check_tensor(weight, "weight", ndim=4, dtype=s.dtype, device=s.device)
     if s.shape[1] != weight.shape[0]:
         raise ValueError(f"s has {s.shape[1]} channels but weight has {weight.shape[0]} output channels")
+    if weight.shape[0] % groups != 0:
+        raise ValueError(f"weight has {weight.shape[0]} output channels, not divisible by groups={groups}")
+    if min(input_size) < 1:
+        raise ValueError(f"input_size must be positive, got {input_size}")
+    expected = _conv_out(input_size, weight.shape[2:], stride, padding, dilation)
+    if list(conv_out_size) != expected:
+        raise ValueError(f"conv_out_size {list(conv_out_size)} does not match the convolution of an input of "
+                         f"size {list(input_size)} (which gives {expected})")
     if pool > 1:
         check_tensor(indices, "indices", ndim=4, dtype=torch.int64, device=s.device)
         if indices.shape != s.shape:
@@ -41,8 +76,10 @@ def pool_conv_transpose(s, indices, weight, input_size, conv_out_size, stride=1,
             raise ValueError(f"s spatial size {tuple(s.shape[2:])} != conv_out_size // pool = {tuple(exp)}")
     elif list(s.shape[2:]) != list(conv_out_size):
         raise ValueError(f"s spatial size {tuple(s.shape[2:])} != conv_out_size {tuple(conv_out_size)}")
+    if packed_weight is not None:
+        check_tensor(packed_weight, "packed_weight", ndim=1, dtype=s.dtype, device=s.device)
     if dispatch(s.device) == "reference":
         return pool_conv_transpose_ref(s, indices, weight, input_size, conv_out_size, stride, padding, dilation, groups, pool)
     return compiled_op("pool_conv_transpose")(
-        s, indices, weight, input_size, conv_out_size, stride, padding, dilation, groups, pool
+        s, indices, weight, input_size, conv_out_size, stride, padding, dilation, groups, pool, packed_weight
     )

@@ -8,7 +8,7 @@ used for convergence tests), or an empty tensor when ``prev`` is None. NaN propa
 """
 import torch
 
-from ._common import check_float, check_tensor, compiled_op, dispatch
+from ._common import check_float, check_no_grad, check_tensor, compiled_op, dispatch, overlaps
 
 
 def state_update_ref(drive, top_down, nudge, prev, gain, out):
@@ -32,8 +32,10 @@ def state_update(drive, top_down, nudge, prev, gain, out):
         check_tensor(t, name, dtype=drive.dtype, device=drive.device)
         if t.shape != drive.shape:
             raise ValueError(f"{name} shape {tuple(t.shape)} != drive shape {tuple(drive.shape)}")
-    if prev is not None and out.data_ptr() == prev.data_ptr():
+    if prev is not None and overlaps(out, prev):
         raise ValueError("out must not alias prev (the change would be lost)")
     if dispatch(drive.device) == "reference":
         return state_update_ref(drive, top_down, nudge, prev, float(gain), out)
+    check_no_grad("state_update", (("drive", drive), ("top_down", top_down), ("nudge", nudge), ("prev", prev),
+                                   ("out", out)))
     return compiled_op("state_update")(drive, top_down, nudge, prev, float(gain), out)

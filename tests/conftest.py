@@ -1,0 +1,23 @@
+"""Shared fixtures: a seeded generator and the float dtypes with their tolerances."""
+import pytest
+import torch
+
+# Relative tolerances of the compiled ops against their references (see tests/test_ops.py).
+RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
+@pytest.fixture
+def gen():
+    """A seeded generator: fresh random inputs, reproducible."""
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(params=[torch.float32, torch.float64], ids=["f32", "f64"])
+def dtype(request):
+    return request.param
+
+
+@pytest.fixture
+def no_backend_env(monkeypatch):
+    """Run a test without EP_KERNELS_BACKEND from the caller's environment."""
+    monkeypatch.delenv("EP_KERNELS_BACKEND", raising=False)

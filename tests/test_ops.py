@@ -1,0 +1,810 @@
+"""The four EP ops: compiled 'cpu' backend against the plain-torch references, opcheck,
+backend selection and the errors bad input gets (from the wrappers and from the C++ kernels).
+
+Inputs are fresh random values from seeded generators (never zeros) over a spread of shapes:
+odd sizes, padding 0/1/2, kernels 3 and 5 (and rectangular), batch 1, channel counts that are
+not multiples of 8, stride and dilation 2, groups 2, pool 1/2/3 on sizes not divisible by the
+pool, non-contiguous (transposed / sliced) inputs; float32 and float64.
+"""
+import importlib
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ep_kernels
+import ep_kernels.ops as ops
+from ep_kernels import _backend, use_backend
+from conftest import RTOL
+
+pytestmark = pytest.mark.skipif(not ep_kernels._ext.compiled_available(),
+                                reason="compiled extension not built")
+C = torch.ops.ep_kernels
+
+# (N, C_in, C_out, H, W, kernel, padding, stride, dilation, groups, pool)
+CONV_CASES = [
+    (2, 3, 5, 9, 11, 3, 1, 1, 1, 1, 2),      # odd sizes, 9 and 11 not divisible by the pool
+    (1, 4, 6, 8, 8, 3, 0, 1, 1, 1, 2),       # batch 1, padding 0
+    (2, 5, 7, 10, 9, 5, 2, 1, 1, 1, 3),      # kernel 5, pool 3, 10x9 not divisible by 3
+    (2, 6, 10, 7, 7, 3, 1, 1, 1, 1, 1),      # no pooling
+    (3, 4, 9, 9, 9, 5, 0, 1, 1, 1, 2),       # kernel 5, padding 0
+    (2, 4, 6, 11, 12, 3, 1, 2, 1, 2, 2),     # stride 2, groups 2
+    (2, 3, 4, 12, 13, 3, 2, 1, 2, 1, 2),     # dilation 2
+    (2, 9, 12, 7, 10, (3, 5), (1, 2), 1, 1, 1, 2),  # rectangular kernel
+    (1, 17, 20, 6, 6, 3, 1, 1, 1, 1, 3),     # channels not multiples of 8, pool 3 exactly
+]
+CASE_IDS = [f"case{i}" for i in range(len(CONV_CASES))]
+
+
+def _pair(v):
+    return [v, v] if isinstance(v, int) else list(v)
+
+
+def _rand(gen, *shape, dtype, lo=0.0, hi=1.0):
+    return torch.rand(*shape, generator=gen, dtype=dtype) * (hi - lo) + lo
+
+
+def _noncontig(t, kind):
+    """A non-contiguous tensor with the values of ``t``."""
+    if kind == "transposed":  # channels-last-like strides
+        out = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    else:  # every second element of a larger buffer
+        fill = float("nan") if t.is_floating_point() else -1
+        big = torch.full(t.shape[:-1] + (2 * t.shape[-1],), fill, dtype=t.dtype)
+        out = big[..., ::2]
+        out.copy_(t)
+    assert not out.is_contiguous() or t.shape[-1] == 1 and t.shape[-2] == 1
+    assert torch.equal(out, t)
+    return out
+
+
+def _conv_setup(case, dtype, gen):
+    n, cin, cout, h, w, k, pad, stride, dil, groups, pool = case
+    k, pad, stride, dil = _pair(k), _pair(pad), _pair(stride), _pair(dil)
+    x = _rand(gen, n, cin, h, w, dtype=dtype)
+    weight = _rand(gen, cout, cin // groups, *k, dtype=dtype, lo=-1, hi=1) / math.sqrt(cin * k[0] * k[1])
+    bias = _rand(gen, cout, dtype=dtype, lo=-0.2, hi=0.2)
+    conv = dict(stride=stride, padding=pad, dilation=dil, groups=groups)
+    hc = (h + 2 * pad[0] - dil[0] * (k[0] - 1) - 1) // stride[0] + 1
+    wc = (w + 2 * pad[1] - dil[1] * (k[1] - 1) - 1) // stride[1] + 1
+    return x, weight, bias, conv, pool, [hc, wc]
+
+
+def _random_window_indices(gen, n, c, hc, wc, pool):
+    """Max-pool indices with the winner uniformly anywhere in its window."""
+    hp, wp = hc // pool, wc // pool
+    r = torch.randint(0, pool, (n, c, hp, wp), generator=gen)
+    q = torch.randint(0, pool, (n, c, hp, wp), generator=gen)
+    rows = torch.arange(hp).view(1, 1, hp, 1) * pool + r
+    cols = torch.arange(wp).view(1, 1, 1, wp) * pool + q
+    return rows * wc + cols
+
+
+def _state(gen, shape, dtype, zero_frac=0.3):
+    """A state in [0, 1] with some exact zeros (the clamp makes them common)."""
+    s = _rand(gen, *shape, dtype=dtype, lo=0.05, hi=1.0)
+    mask = torch.rand(*shape, generator=gen) < zero_frac
+    return s.masked_fill(mask, 0.0)
+
+
+def _assert_close_scaled(got, ref, scale, rtol):
+    """|got - ref| <= rtol * scale elementwise, where ``scale`` is the same computation on
+    absolute values (a bound on the rounding of any summation order)."""
+    assert got.shape == ref.shape and got.dtype == ref.dtype
+    err = (got - ref).abs()
+    bound = rtol * (scale + ref.abs()) + torch.finfo(ref.dtype).tiny
+    bad = err > bound
+    assert not bad.any(), (f"{int(bad.sum())} of {bad.numel()} elements differ; max err {err.max().item():.3g}, "
+                           f"max rel err {(err / bound * rtol).max().item():.3g}")
+
+
+# --------------------------------------------------------------------------------------------
+# conv_pool_drive
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
+def test_conv_pool_drive_matches_ref(case, layout, dtype, gen):
+    x, weight, bias, conv, pool, _ = _conv_setup(case, dtype, gen)
+    if layout != "contiguous":
+        x = _noncontig(x, layout)
+    with use_backend("cpu"):
+        d, i = ops.conv_pool_drive(x, weight, bias, pool=pool, **conv)
+    rd, ri = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
+    assert d.is_contiguous() and d.shape == rd.shape and d.dtype == rd.dtype
+    # The convolution is ATen's, called as the reference calls it: bitwise equal values,
+    # hence identical argmax.
+    torch.testing.assert_close(d, rd, rtol=RTOL[dtype], atol=0)
+    assert i.dtype == torch.int64 and torch.equal(i, ri)
+
+
+def test_conv_pool_drive_no_bias(gen):
+    x, weight, _, conv, pool, _ = _conv_setup(CONV_CASES[0], torch.float64, gen)
+    with use_backend("cpu"):
+        d, i = ops.conv_pool_drive(x, weight, None, pool=pool, **conv)
+    rd, ri = ops.conv_pool_drive_ref(x, weight, None, pool=pool, **conv)
+    torch.testing.assert_close(d, rd, rtol=1e-12, atol=0)
+    assert torch.equal(i, ri)
+
+
+@pytest.mark.parametrize("pool", [2, 3])
+def test_conv_pool_drive_ties_like_max_pool2d(pool, dtype, gen):
+    """Exact ties: zero input + bias (every window position holds the bias, as at the first
+    step from zero states), and small-integer convolutions (exact arithmetic, many ties)."""
+    n, cin, cout, h, w = 2, 3, 5, 9, 10
+    weight = _rand(gen, cout, cin, 3, 3, dtype=dtype, lo=-1, hi=1)
+    bias = _rand(gen, cout, dtype=dtype, lo=-1, hi=1)
+    x = torch.zeros(n, cin, h, w, dtype=dtype)
+    x[1, :, 4, 5] = 1.0  # one image with a bump: ties only away from it
+    for xx, ww in ((x, weight), (torch.randint(0, 2, (n, cin, h, w), generator=gen).to(dtype),
+                                 torch.randint(-1, 2, (cout, cin, 3, 3), generator=gen).to(dtype))):
+        with use_backend("cpu"):
+            d, i = ops.conv_pool_drive(xx, ww, bias, padding=1, pool=pool)
+        rd, ri = ops.conv_pool_drive_ref(xx, ww, bias, [1, 1], [1, 1], [1, 1], 1, pool)
+        assert torch.equal(d, rd)
+        assert torch.equal(i, ri)
+    # zero input: the winner is the first position of every window
+    with use_backend("cpu"):
+        _, i = ops.conv_pool_drive(torch.zeros(1, cin, h, w, dtype=dtype), weight, bias, padding=1, pool=pool)
+    hp, wp = h // pool, w // pool
+    first = (torch.arange(hp).view(hp, 1) * pool * w + torch.arange(wp).view(1, wp) * pool).expand(cout, hp, wp)
+    assert torch.equal(i[0], first)
+
+
+def test_conv_pool_drive_nan_like_max_pool2d(gen):
+    x, weight, bias, conv, pool, _ = _conv_setup(CONV_CASES[0], torch.float32, gen)
+    x[0, 1, 4, 4] = float("nan")
+    with use_backend("cpu"):
+        d, i = ops.conv_pool_drive(x, weight, bias, pool=pool, **conv)
+    rd, ri = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
+    assert d.isnan().any()
+    torch.testing.assert_close(d, rd, equal_nan=True, rtol=1e-5, atol=0)
+    assert torch.equal(i, ri)
+
+
+# --------------------------------------------------------------------------------------------
+# pool_conv_transpose
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
+@pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
+def test_pool_conv_transpose_matches_ref(case, layout, dtype, gen):
+    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(case, dtype, gen)
+    n, cout = x.shape[0], weight.shape[0]
+    s = _state(gen, (n, cout, hc // pool, wc // pool), dtype)
+    idx = _random_window_indices(gen, n, cout, hc, wc, pool) if pool > 1 else torch.empty(0, dtype=torch.int64)
+    if layout != "contiguous":
+        s = _noncontig(s, layout)
+        weight = _noncontig(weight, layout)
+        if pool > 1:
+            idx = _noncontig(idx, layout)
+    args = (list(x.shape[2:]), [hc, wc])
+    with use_backend("cpu"):
+        out = ops.pool_conv_transpose(s, idx, weight, *args, pool=pool, **conv)
+    ref = ops.pool_conv_transpose_ref(s, idx, weight, *args, pool=pool, **conv)
+    scale = ops.pool_conv_transpose_ref(s.abs(), idx, weight.abs(), *args, pool=pool, **conv)
+    assert out.is_contiguous()
+    _assert_close_scaled(out, ref, scale, RTOL[dtype])
+
+
+@pytest.mark.parametrize("case", CONV_CASES[:3] + [(2, 70, 100, 6, 7, 3, 1, 1, 1, 1, 2), (1, 40, 90, 7, 6, 5, 2, 1, 1, 2, 2)],
+                         ids=CASE_IDS[:3] + ["many_channels", "many_channels_k5_groups2"])
+def test_pool_conv_transpose_with_real_argmax(case, dtype, gen):
+    """Indices from the drive itself (the engine's use), both backends end to end; the last
+    cases have several output-channel blocks and input-channel chunks in the sparse kernel."""
+    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(case, dtype, gen)
+    _, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
+    s = _state(gen, (x.shape[0], weight.shape[0], hc // pool, wc // pool), dtype)
+    args = (list(x.shape[2:]), [hc, wc])
+    with use_backend("cpu"):
+        out = ops.pool_conv_transpose(s, idx, weight, *args, pool=pool, **conv)
+    with use_backend("reference"):
+        ref = ops.pool_conv_transpose(s, idx, weight, *args, pool=pool, **conv)
+    scale = ops.pool_conv_transpose_ref(s.abs(), idx, weight.abs(), *args, pool=pool, **conv)
+    _assert_close_scaled(out, ref, scale, RTOL[dtype])
+
+
+@pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[5], CONV_CASES[7], (2, 70, 30, 6, 7, 3, 1, 1, 1, 1, 2)],
+                         ids=["case0", "case5_groups", "case7_rect", "many_channels"])
+def test_pool_conv_transpose_packed_weight(case, dtype, gen):
+    """A weight packed once gives the same result as packing on every call."""
+    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(case, dtype, gen)
+    _, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
+    s = _state(gen, idx.shape, dtype)
+    args = (s, idx, weight, list(x.shape[2:]), [hc, wc])
+    with use_backend("cpu"):
+        packed = ops.pack_top_down_weight(weight)
+        assert packed is not None and packed.dim() == 1
+        out = ops.pool_conv_transpose(*args, pool=pool, packed_weight=packed, **conv)
+        out2 = ops.pool_conv_transpose(*args, pool=pool, **conv)
+    assert torch.equal(out, out2)
+    with use_backend("reference"):
+        assert ops.pack_top_down_weight(weight) is None
+        ref = ops.pool_conv_transpose(*args, pool=pool, packed_weight=packed, **conv)  # ignored
+    scale = ops.pool_conv_transpose_ref(s.abs(), idx, weight.abs(), *args[3:], pool=pool, **conv)
+    _assert_close_scaled(out, ref, scale, RTOL[dtype])
+    with use_backend("cpu"):
+        assert ops.pack_top_down_weight(weight.bfloat16()) is None
+        with pytest.raises(RuntimeError, match="packed_weight has shape"):
+            ops.pool_conv_transpose(*args, pool=pool, packed_weight=packed[:-1], **conv)
+        with pytest.raises(TypeError, match="packed_weight must have dtype"):
+            ops.pool_conv_transpose(*args, pool=pool, packed_weight=packed.to(torch.float16), **conv)
+
+
+def test_results_do_not_depend_on_thread_count(gen):
+    """Each task owns its output slice / partial sums in a fixed order: bitwise reproducible."""
+    x, weight, bias, conv, pool, (hc, wc) = _conv_setup((4, 20, 40, 8, 9, 3, 1, 1, 1, 1, 2), torch.float32, gen)
+    _, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
+    s = _state(gen, idx.shape, torch.float32)
+    x_b = _rand(gen, *x.shape, dtype=torch.float32)
+    c = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"], pool, -0.5)
+    results = []
+    old = torch.get_num_threads()
+    try:
+        for nt in (1, 2, 3):
+            torch.set_num_threads(nt)
+            with use_backend("cpu"):
+                td = ops.pool_conv_transpose(s, idx, weight, list(x.shape[2:]), [hc, wc], pool=pool, **conv)
+                gw = torch.zeros_like(weight)
+                ops.contrastive_conv_grad(x, s, idx, x_b, s.flip(0), idx.flip(0), [hc, wc], *c, gw, None)
+                out = torch.empty_like(td)
+                ch = ops.state_update(td, td, None, x, 0.5, out)
+            results.append((td, gw, out, ch))
+    finally:
+        torch.set_num_threads(old)
+    for r in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(r, results[0]))
+
+
+_ISA_SCRIPT = textwrap.dedent("""
+    import torch, torch.nn.functional as F
+    import ep_kernels.ops as ops
+    from ep_kernels import use_backend
+    g = torch.Generator().manual_seed(5)
+    for dt, tol in ((torch.float32, 1e-4), (torch.float64, 1e-10)):
+        for (cin, cout, k, pad, pool) in ((5, 9, 3, 1, 2), (40, 20, 5, 2, 3), (3, 70, 3, 0, 2)):
+            x = torch.rand(3, cin, 11, 10, generator=g, dtype=dt)
+            xb = torch.rand(3, cin, 11, 10, generator=g, dtype=dt)
+            w = torch.rand(cout, cin, k, k, generator=g, dtype=dt) - 0.5
+            b = torch.rand(cout, generator=g, dtype=dt)
+            x[0, 0, 0, 0] = float("nan")
+            with use_backend("cpu"):
+                d, i = ops.conv_pool_drive(x, w, b, padding=pad, pool=pool)
+            rd, ri = ops.conv_pool_drive_ref(x, w, b, 1, pad, 1, 1, pool)
+            assert torch.equal(i, ri) and torch.allclose(d, rd, equal_nan=True)
+            x[0, 0, 0, 0] = 0.5
+            d, i = ops.conv_pool_drive_ref(x, w, b, 1, pad, 1, 1, pool)
+            hc = [11 + 2 * pad - k + 1, 10 + 2 * pad - k + 1]
+            s = torch.rand(d.shape, generator=g, dtype=dt).masked_fill(torch.rand(d.shape, generator=g) < 0.3, 0)
+            with use_backend("cpu"):
+                td = ops.pool_conv_transpose(s, i, w, [11, 10], hc, padding=pad, pool=pool)
+                gw = torch.zeros_like(w)
+                ops.contrastive_conv_grad(x, s, i, xb, s.flip(0), i.flip(0), hc, 1, pad, 1, 1, pool, -0.5, gw)
+                out = torch.empty_like(td)
+                ch = ops.state_update(td, td, None, x, 0.5, out)
+            rtd = ops.pool_conv_transpose_ref(s, i, w, [11, 10], hc, 1, pad, 1, 1, pool)
+            rgw = torch.zeros_like(w)
+            ops.contrastive_conv_grad_ref(x, s, i, xb, s.flip(0), i.flip(0), hc, 1, pad, 1, 1, pool, -0.5, rgw, None)
+            rout = torch.empty_like(td)
+            rch = ops.state_update_ref(td, td, None, x, 0.5, rout)
+            assert torch.allclose(td, rtd, rtol=tol, atol=tol), (td - rtd).abs().max()
+            assert torch.allclose(gw, rgw, rtol=tol, atol=tol * 10), (gw - rgw).abs().max()
+            assert torch.equal(out, rout) and torch.equal(ch, rch)
+    print("ISA-OK")
+""")
+
+
+@pytest.mark.parametrize("isa", ["avx2", "generic"])
+def test_lower_isa_code_paths(isa):
+    """The AVX2 and baseline builds of the vector kernels (chosen at run time; forced here by
+    EP_KERNELS_ISA, which can only lower the level) agree with the references too."""
+    env = dict(os.environ, EP_KERNELS_ISA=isa, OMP_NUM_THREADS="1")
+    env.pop("EP_KERNELS_BACKEND", None)
+    r = subprocess.run([sys.executable, "-c", _ISA_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "ISA-OK" in r.stdout, r.stdout + r.stderr
+
+
+def test_pool_conv_transpose_index_outside_window(gen):
+    """The sparse kernel needs max-pool indices (each inside its own window); others are refused."""
+    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(CONV_CASES[0], torch.float32, gen)
+    _, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
+    s = _state(gen, idx.shape, torch.float32)
+    bad = idx.clone()
+    bad[1, 2, 1, 1] = idx[1, 2, 1, 2]  # a valid plane position, but in the neighbouring window
+    with use_backend("cpu"), pytest.raises(RuntimeError, match=r"indices\[1, 2, 1, 1\] .* outside its 2x2"):
+        ops.pool_conv_transpose(s, bad, weight, list(x.shape[2:]), [hc, wc], pool=pool, **conv)
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_pool_conv_transpose_low_precision_dense_path(dt, gen):
+    """bf16/fp16 take the dense ATen path: the same calls as the reference."""
+    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(CONV_CASES[0], torch.float32, gen)
+    _, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
+    s = _state(gen, idx.shape, torch.float32).to(dt)
+    w = weight.to(dt)
+    with use_backend("cpu"):
+        out = ops.pool_conv_transpose(s, idx, w, list(x.shape[2:]), [hc, wc], pool=pool, **conv)
+    ref = ops.pool_conv_transpose_ref(s, idx, w, list(x.shape[2:]), [hc, wc], pool=pool, **conv)
+    torch.testing.assert_close(out, ref)
+
+
+def test_pool_conv_transpose_is_the_gradient_of_phi(gen):
+    """W^T U(s) = d<s, P(W*x + b)>/dx with the argmax fixed (DESIGN.md, section 2)."""
+    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(CONV_CASES[0], torch.float64, gen)
+    x.requires_grad_(True)
+    d, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
+    s = _state(gen, d.shape, torch.float64)
+    (g,) = torch.autograd.grad((s * d).sum(), x)
+    with use_backend("cpu"):
+        td = ops.pool_conv_transpose(s, idx, weight, list(x.shape[2:]), [hc, wc], pool=pool, **conv)
+    torch.testing.assert_close(td, g, rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------
+# state_update
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 3, 5, 7), (4, 13), (2, 128, 16, 16)])
+@pytest.mark.parametrize("gain", [1.0, 0.3])
+@pytest.mark.parametrize("parts", ["all", "no_top_down", "no_nudge", "drive_only"])
+def test_state_update_matches_ref(shape, gain, parts, dtype, gen):
+    drive = _rand(gen, *shape, dtype=dtype, lo=-1.0, hi=4.0)
+    td = None if parts in ("no_top_down", "drive_only") else _rand(gen, *shape, dtype=dtype, lo=-1, hi=1)
+    nudge = None if parts in ("no_nudge", "drive_only") else _rand(gen, *shape, dtype=dtype, lo=-0.5, hi=0.5)
+    prev = _rand(gen, *shape, dtype=dtype)
+    for p in (prev, None):
+        out, out_ref = torch.empty(shape, dtype=dtype), torch.empty(shape, dtype=dtype)
+        with use_backend("cpu"):
+            ch = ops.state_update(drive, td, nudge, p, gain, out)
+        ch_ref = ops.state_update_ref(drive, td, nudge, p, gain, out_ref)
+        assert torch.equal(out, out_ref)  # elementwise, same operation order: bitwise
+        assert ch.shape == ch_ref.shape and ch.dtype == ch_ref.dtype
+        assert torch.equal(ch, ch_ref)
+        assert (out == 1).any() and (out == 0).any()  # the clamp is exercised
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_state_update_noncontiguous(layout, dtype, gen):
+    shape = (2, 5, 6, 7)
+    drive, td, nudge, prev = (_rand(gen, *shape, dtype=dtype, lo=-1, hi=2) for _ in range(4))
+    out = _noncontig(torch.zeros(shape, dtype=dtype), layout)
+    out_ref = torch.empty(shape, dtype=dtype)
+    args = [_noncontig(t, layout) for t in (drive, td, nudge, prev)]
+    with use_backend("cpu"):
+        ch = ops.state_update(*args[:3], args[3], 0.5, out)
+    ch_ref = ops.state_update_ref(drive, td, nudge, prev, 0.5, out_ref)
+    assert torch.equal(out, out_ref) and torch.equal(ch, ch_ref)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_state_update_propagates_nan(backend, dtype, gen):
+    shape = (3, 4, 5, 5)
+    drive = _rand(gen, *shape, dtype=dtype, lo=-1, hi=2)
+    drive[1, 2, 3, 4] = float("nan")
+    prev = _rand(gen, *shape, dtype=dtype)
+    out = torch.empty(shape, dtype=dtype)
+    with use_backend(backend):
+        ch = ops.state_update(drive, None, None, prev, 1.0, out)
+    assert out[1, 2, 3, 4].isnan() and out.isnan().sum() == 1
+    assert ch.isnan()
+    # NaN in the top-down or the nudge propagates the same way; so does one in prev
+    for kw in ("td", "nudge", "prev"):
+        d = _rand(gen, *shape, dtype=dtype)
+        extra = _rand(gen, *shape, dtype=dtype)
+        extra[0, 0, 0, 0] = float("nan")
+        args = dict(td=None, nudge=None, prev=_rand(gen, *shape, dtype=dtype))
+        args[kw] = extra
+        with use_backend(backend):
+            ch = ops.state_update(d, args["td"], args["nudge"], args["prev"], 1.0, out)
+        assert ch.isnan(), kw
+
+
+# --------------------------------------------------------------------------------------------
+# contrastive_conv_grad
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("case", CONV_CASES + [(3, 70, 24, 6, 7, 3, 1, 1, 1, 1, 2)], ids=CASE_IDS + ["many_channels"])
+def test_contrastive_conv_grad_matches_ref(case, layout, dtype, gen):
+    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(case, dtype, gen)
+    n, cout = x.shape[0], weight.shape[0]
+    x_b = _rand(gen, *x.shape, dtype=dtype)
+    sp = (n, cout, hc // pool, wc // pool)
+    s_a, s_b = _state(gen, sp, dtype), _state(gen, sp, dtype)
+    if pool > 1:
+        i_a, i_b = (_random_window_indices(gen, n, cout, hc, wc, pool) for _ in range(2))
+    else:
+        i_a = i_b = torch.empty(0, dtype=torch.int64)
+    if layout != "contiguous":
+        x, x_b, s_a, s_b = (_noncontig(t, layout) for t in (x, x_b, s_a, s_b))
+    scale = -0.37
+    gw0 = _rand(gen, *weight.shape, dtype=dtype, lo=-1, hi=1)  # accumulates into an existing grad
+    gb0 = _rand(gen, cout, dtype=dtype, lo=-1, hi=1)
+    for with_bias in (True, False):
+        gw, gw_ref = gw0.clone(), gw0.clone()
+        gb, gb_ref = (gb0.clone(), gb0.clone()) if with_bias else (None, None)
+        args = (x, s_a, i_a, x_b, s_b, i_b, [hc, wc], conv["stride"], conv["padding"], conv["dilation"],
+                conv["groups"], pool, scale)
+        with use_backend("cpu"):
+            ops.contrastive_conv_grad(*args, gw, gb)
+        ops.contrastive_conv_grad_ref(*args, gw_ref, gb_ref)
+        # error scale: both weight-gradients on absolute values, plus the initial grad
+        wshape = weight.shape
+        absg = torch.zeros_like(gw0)
+        for xx, ss, ii in ((x, s_a, i_a), (x_b, s_b, i_b)):
+            u = F.max_unpool2d(ss, ii, pool, pool, output_size=[hc, wc]) if pool > 1 else ss
+            absg += torch.nn.grad.conv2d_weight(xx.abs(), wshape, u.abs(), **conv)
+        _assert_close_scaled(gw, gw_ref, abs(scale) * absg + gw0.abs(), RTOL[dtype])
+        if with_bias:
+            babs = (s_a.abs().sum((0, 2, 3)) + s_b.abs().sum((0, 2, 3))) * abs(scale) + gb0.abs()
+            _assert_close_scaled(gb, gb_ref, babs, RTOL[dtype])
+
+
+def test_contrastive_conv_grad_index_outside_window(gen):
+    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(CONV_CASES[0], torch.float32, gen)
+    s, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
+    bad = idx.clone()
+    bad[0, 1, 2, 2] = idx[0, 1, 2, 3]
+    gw, gb = torch.ones_like(weight), torch.ones_like(bias)
+    args = (x, s, idx, x.flip(0), s.flip(0), bad, [hc, wc], conv["stride"], conv["padding"], conv["dilation"],
+            conv["groups"], pool, -0.5, gw, gb)
+    with use_backend("cpu"), pytest.raises(RuntimeError, match="outside its 2x2 pooling window"):
+        ops.contrastive_conv_grad(*args)
+    assert (gw == 1).all() and (gb == 1).all()  # nothing written on error
+
+
+@pytest.mark.parametrize("dt", [torch.bfloat16])
+def test_contrastive_conv_grad_low_precision_dense_path(dt, gen):
+    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(CONV_CASES[0], torch.float32, gen)
+    s, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
+    x, s = x.to(dt), _state(gen, s.shape, torch.float32).to(dt)
+    gw, gw_ref = torch.zeros_like(weight, dtype=dt), torch.zeros_like(weight, dtype=dt)
+    args = (x, s, idx, x.flip(0), s.flip(0), idx.flip(0), [hc, wc], conv["stride"], conv["padding"],
+            conv["dilation"], conv["groups"], pool, -0.5)
+    with use_backend("cpu"):
+        ops.contrastive_conv_grad(*args, gw, None)
+    ops.contrastive_conv_grad_ref(*args, gw_ref, None)
+    torch.testing.assert_close(gw, gw_ref)
+
+
+# --------------------------------------------------------------------------------------------
+# opcheck, fake tensors, autograd of the compiled ops
+# --------------------------------------------------------------------------------------------
+
+def _small_conv_args(gen, dtype=torch.float64, pool=2):
+    x, weight, bias, conv, pool, (hc, wc) = _conv_setup((2, 3, 4, 7, 6, 3, 1, 1, 1, 1, pool), dtype, gen)
+    c = [conv["stride"], conv["padding"], conv["dilation"], conv["groups"]]
+    return x, weight, bias, c, pool, [hc, wc]
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_conv_pool_drive(pool, requires_grad, gen):
+    x, weight, bias, c, pool, _ = _small_conv_args(gen, pool=pool)
+    if requires_grad:
+        x, weight, bias = (t.requires_grad_() for t in (x, weight, bias))
+    torch.library.opcheck(C.conv_pool_drive, (x, weight, bias, *c, pool))
+    torch.library.opcheck(C.conv_pool_drive, (x, weight, None, *c, pool))
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck_pool_conv_transpose(pool, requires_grad, gen):
+    x, weight, bias, c, pool, hw = _small_conv_args(gen, pool=pool)
+    _, idx = ops.conv_pool_drive_ref(x, weight, bias, *c, pool)
+    s = _state(gen, (x.shape[0], weight.shape[0], hw[0] // pool, hw[1] // pool), torch.float64)
+    if requires_grad:
+        s, weight = s.requires_grad_(), weight.requires_grad_()
+    torch.library.opcheck(C.pool_conv_transpose, (s, idx, weight, list(x.shape[2:]), hw, *c, pool))
+    packed = C.pack_top_down_weight(weight.detach())
+    torch.library.opcheck(C.pool_conv_transpose, (s, idx, weight, list(x.shape[2:]), hw, *c, pool, packed))
+    if not requires_grad:
+        torch.library.opcheck(C.pack_top_down_weight, (weight,))
+
+
+def test_opcheck_state_update(gen):
+    shape = (2, 3, 4, 5)
+    d, t, g, p = (_rand(gen, *shape, dtype=torch.float64, lo=-1, hi=2) for _ in range(4))
+    for args in ((d, t, g, p), (d, None, None, None), (d, t, None, p)):
+        torch.library.opcheck(C.state_update, (*args, 0.5, torch.empty(shape, dtype=torch.float64)))
+
+
+@pytest.mark.parametrize("pool", [1, 2])
+def test_opcheck_contrastive_conv_grad(pool, gen):
+    x, weight, bias, c, pool, hw = _small_conv_args(gen, pool=pool)
+    _, idx = ops.conv_pool_drive_ref(x, weight, bias, *c, pool)
+    sp = (x.shape[0], weight.shape[0], hw[0] // pool, hw[1] // pool)
+    s_a, s_b = _state(gen, sp, torch.float64), _state(gen, sp, torch.float64)
+    for gb in (torch.zeros_like(bias), None):
+        torch.library.opcheck(C.contrastive_conv_grad,
+                              (x, s_a, idx, x.flip(0), s_b, idx, hw, *c, pool, -0.5, torch.zeros_like(weight), gb))
+
+
+def test_fake_tensor_shapes(gen):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x, weight, bias, c, pool, hw = _small_conv_args(gen, pool=2)
+    with FakeTensorMode() as mode:
+        fx, fw, fb = (mode.from_tensor(t) for t in (x, weight, bias))
+        d, i = C.conv_pool_drive(fx, fw, fb, *c, pool)
+        assert d.shape == (2, 4, 3, 3) and i.dtype == torch.int64 and i.shape == d.shape
+        td = C.pool_conv_transpose(d, i, fw, list(x.shape[2:]), hw, *c, pool)
+        assert td.shape == x.shape
+
+
+def test_compiled_ops_autograd_matches_reference(gen):
+    """conv_pool_drive and pool_conv_transpose have autograd formulas (argmax held fixed)."""
+    x, weight, bias, c, pool, hw = _small_conv_args(gen, pool=2)
+    leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    d, idx = C.conv_pool_drive(*leaves, *c, pool)
+    s = _state(gen, d.shape, torch.float64).requires_grad_()
+    td = C.pool_conv_transpose(s, idx, leaves[1], list(x.shape[2:]), hw, *c, pool)
+    (d.square().sum() + (td * x.flip(0)).sum()).backward()
+    leaves_r = [t.clone().requires_grad_() for t in (x, weight, bias)]
+    s_r = s.detach().clone().requires_grad_()
+    dr, idx_r = ops.conv_pool_drive_ref(*leaves_r, *c, pool)
+    tdr = ops.pool_conv_transpose_ref(s_r, idx_r, leaves_r[1], list(x.shape[2:]), hw, *c, pool)
+    (dr.square().sum() + (tdr * x.flip(0)).sum()).backward()
+    for a, b in zip(leaves + [s], leaves_r + [s_r]):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+    # gradcheck of the formulas themselves (finite differences; argmax stable at this eps)
+    xs, ws, bs, cs, _, hws = _small_conv_args(gen, pool=2)
+    xs, ws = xs[:1, :2], ws[:2, :2].contiguous()
+    _, ids = ops.conv_pool_drive_ref(xs, ws, None, *cs, 2)
+    ss = _state(gen, ids.shape, torch.float64, zero_frac=0.0)
+    torch.autograd.gradcheck(lambda s_, w_: C.pool_conv_transpose(s_, ids, w_, list(xs.shape[2:]), hws, *cs, 2),
+                             (ss.requires_grad_(), ws.clone().requires_grad_()), fast_mode=True)
+    torch.autograd.gradcheck(lambda x_, w_: C.conv_pool_drive(x_, w_, None, *cs, 2)[0],
+                             (xs.clone().requires_grad_(), ws.clone().requires_grad_()), fast_mode=True)
+
+
+def test_inplace_ops_refuse_grad(gen):
+    d = _rand(gen, 2, 3, dtype=torch.float64).requires_grad_()
+    with use_backend("cpu"), pytest.raises(RuntimeError, match="drive requires grad"):
+        ops.state_update(d, None, None, None, 1.0, torch.empty(2, 3, dtype=torch.float64))
+    with use_backend("cpu"), torch.no_grad():
+        ops.state_update(d, None, None, None, 1.0, torch.empty(2, 3, dtype=torch.float64))
+
+
+# --------------------------------------------------------------------------------------------
+# backend selection
+# --------------------------------------------------------------------------------------------
+
+def _spy_compiled(monkeypatch, module_name):
+    """Record whether the wrapper in ``module_name`` calls its compiled op."""
+    mod = importlib.import_module(f"ep_kernels.ops.{module_name}")
+    calls = []
+    real = mod.compiled_op
+
+    def spy(name):
+        calls.append(name)
+        return real(name)
+
+    monkeypatch.setattr(mod, "compiled_op", spy)
+    return calls
+
+
+def _su_args(dtype=torch.float32, device="cpu"):
+    d = torch.rand(2, 3, dtype=dtype).to(device)
+    return d, None, None, None, 1.0, torch.empty(2, 3, dtype=dtype, device=device)
+
+
+def test_default_backend_on_cpu_is_compiled(no_backend_env, monkeypatch):
+    assert _backend.backend_for(torch.device("cpu")) == "cpu"
+    assert "cpu" in ep_kernels.available_backends() and "reference" in ep_kernels.available_backends()
+    calls = _spy_compiled(monkeypatch, "state_update")
+    ops.state_update(*_su_args())
+    assert calls == ["state_update"]
+
+
+def test_use_backend_selects(no_backend_env, monkeypatch):
+    calls = _spy_compiled(monkeypatch, "state_update")
+    with use_backend("reference"):
+        assert _backend.backend_for(torch.device("cpu")) == "reference"
+        ops.state_update(*_su_args())
+        assert calls == []
+        with use_backend("cpu"):  # innermost wins
+            ops.state_update(*_su_args())
+            assert calls == ["state_update"]
+        assert _backend.backend_for("cpu") == "reference"
+    assert _backend.backend_for("cpu") == "cpu"
+
+
+@pytest.mark.parametrize("name", ["reference", "cpu"])
+def test_env_var_selects(name, monkeypatch):
+    monkeypatch.setenv("EP_KERNELS_BACKEND", name)
+    assert _backend.backend_for(torch.device("cpu")) == name
+    calls = _spy_compiled(monkeypatch, "state_update")
+    ops.state_update(*_su_args())
+    assert calls == (["state_update"] if name == "cpu" else [])
+    other = "reference" if name == "cpu" else "cpu"
+    with use_backend(other):  # the context manager overrides the environment
+        assert _backend.backend_for("cpu") == other
+
+
+def test_unknown_backend_names(monkeypatch):
+    with pytest.raises(ValueError, match="bogus"):
+        with use_backend("bogus"):
+            pass
+    monkeypatch.setenv("EP_KERNELS_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="EP_KERNELS_BACKEND"):
+        ops.state_update(*_su_args())
+
+
+@pytest.mark.parametrize("name", ["triton", "cuda"])
+def test_unimplemented_backends(name, monkeypatch):
+    with pytest.raises(NotImplementedError, match=name):
+        with use_backend(name):
+            pass
+    monkeypatch.setenv("EP_KERNELS_BACKEND", name)
+    with pytest.raises(NotImplementedError, match=name):
+        ops.state_update(*_su_args())
+
+
+def test_cpu_backend_refuses_other_devices(no_backend_env):
+    args = _su_args(device="meta")
+    with use_backend("cpu"), pytest.raises(RuntimeError, match="meta"):
+        ops.state_update(*args)
+    # without a request, a device without compiled kernels runs the reference (shapes only on meta)
+    ch = ops.state_update(args[0], None, None, args[0], 1.0, args[5])
+    assert ch.device.type == "meta"
+
+
+def test_cpu_backend_unavailable_is_an_error(no_backend_env, monkeypatch):
+    monkeypatch.setattr(ep_kernels._ext, "_LOADED", False)
+    monkeypatch.setattr(ep_kernels._ext, "_LOAD_ERROR", "simulated: not built")
+    with use_backend("cpu"), pytest.raises(RuntimeError, match="not built"):
+        ops.state_update(*_su_args())
+
+
+# --------------------------------------------------------------------------------------------
+# errors from the wrappers (ValueError / TypeError naming the argument)
+# --------------------------------------------------------------------------------------------
+
+def _drive_args(gen, dtype=torch.float32):
+    x, weight, bias, conv, pool, hw = _conv_setup(CONV_CASES[0], dtype, gen)
+    return x, weight, bias, conv, pool, hw
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_conv_pool_drive_errors(backend, gen):
+    x, w, b, conv, pool, _ = _drive_args(gen)
+    with use_backend(backend):
+        with pytest.raises(ValueError, match="x must have 4 dimensions"):
+            ops.conv_pool_drive(x[0], w, b, pool=pool, **conv)
+        with pytest.raises(TypeError, match="weight must have dtype"):
+            ops.conv_pool_drive(x, w.double(), b, pool=pool, **conv)
+        with pytest.raises(TypeError, match="x must be a floating-point"):
+            ops.conv_pool_drive(x.long(), w.long(), None, pool=pool, **conv)
+        with pytest.raises(ValueError, match="channels"):
+            ops.conv_pool_drive(x[:, :2], w, b, pool=pool, **conv)
+        with pytest.raises(ValueError, match="bias has 4 entries"):
+            ops.conv_pool_drive(x, w, b[:4], pool=pool, **conv)
+        with pytest.raises(ValueError, match="pool"):
+            ops.conv_pool_drive(x, w, b, pool=0, **conv)
+        with pytest.raises(ValueError, match="too small for pool"):
+            ops.conv_pool_drive(x[..., :3, :3], w, b, padding=0, pool=2)
+        with pytest.raises(ValueError, match="stride"):
+            ops.conv_pool_drive(x, w, b, stride=0, pool=2)
+        with pytest.raises(TypeError, match="x must be a torch.Tensor"):
+            ops.conv_pool_drive(x.tolist(), w, b)
+        with pytest.raises(ValueError, match="weight must have 4 dimensions"):
+            ops.pack_top_down_weight(w[0])
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_pool_conv_transpose_errors(backend, gen):
+    x, w, b, conv, pool, hw = _drive_args(gen)
+    d, idx = ops.conv_pool_drive_ref(x, w, b, pool=pool, **conv)
+    ins = list(x.shape[2:])
+    with use_backend(backend):
+        with pytest.raises(TypeError, match="indices must have dtype torch.int64"):
+            ops.pool_conv_transpose(d, idx.int(), w, ins, hw, pool=pool, **conv)
+        with pytest.raises(ValueError, match="indices shape"):
+            ops.pool_conv_transpose(d, idx[:1], w, ins, hw, pool=pool, **conv)
+        with pytest.raises(ValueError, match="s has 4 channels"):
+            ops.pool_conv_transpose(d[:, :4], idx[:, :4], w, ins, hw, pool=pool, **conv)
+        with pytest.raises(ValueError, match="s spatial size"):
+            ops.pool_conv_transpose(d[..., :2], idx[..., :2], w, ins, hw, pool=pool, **conv)
+        with pytest.raises(ValueError, match="conv_out_size"):
+            ops.pool_conv_transpose(d, idx, w, ins, [hw[0] + 2, hw[1]], pool=pool, **conv)
+        with pytest.raises(TypeError, match="weight must have dtype"):
+            ops.pool_conv_transpose(d, idx, w.double(), ins, hw, pool=pool, **conv)
+        with pytest.raises(ValueError, match="s must have 4 dimensions"):
+            ops.pool_conv_transpose(d[0], idx, w, ins, hw, pool=pool, **conv)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_state_update_errors(backend, gen):
+    d = _rand(gen, 2, 3, 4, dtype=torch.float32)
+    out = torch.empty_like(d)
+    with use_backend(backend):
+        with pytest.raises(ValueError, match="top_down shape"):
+            ops.state_update(d, d[:1], None, None, 1.0, out)
+        with pytest.raises(TypeError, match="nudge must have dtype"):
+            ops.state_update(d, None, d.double(), None, 1.0, out)
+        with pytest.raises(TypeError, match="drive must be a floating-point"):
+            ops.state_update(d.long(), None, None, None, 1.0, out.long())
+        with pytest.raises(ValueError, match="out must not alias prev"):
+            ops.state_update(d, None, None, out, 1.0, out)
+        big = torch.rand(4, 3, 4)
+        with pytest.raises(ValueError, match="out must not alias prev"):
+            ops.state_update(d, None, None, big[1:3], 1.0, big[:2])  # partial overlap
+        ops.state_update(d, None, None, big[2:], 1.0, big[:2])  # same storage, disjoint: fine
+        with pytest.raises(TypeError, match="out must be a torch.Tensor"):
+            ops.state_update(d, None, None, None, 1.0, None)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+def test_contrastive_conv_grad_errors(backend, gen):
+    x, w, b, conv, pool, hw = _drive_args(gen)
+    s, idx = ops.conv_pool_drive_ref(x, w, b, pool=pool, **conv)
+    c = (hw, conv["stride"], conv["padding"], conv["dilation"], conv["groups"], pool, -0.5)
+    gw, gb = torch.zeros_like(w), torch.zeros_like(b)
+    with use_backend(backend):
+        with pytest.raises(ValueError, match="s_a shape .* != s_b shape"):
+            ops.contrastive_conv_grad(x, s, idx, x, s[:1], idx[:1], *c, gw, gb)
+        with pytest.raises(TypeError, match="idx_b must have dtype torch.int64"):
+            ops.contrastive_conv_grad(x, s, idx, x, s, idx.int(), *c, gw, gb)
+        with pytest.raises(TypeError, match="x_b must have dtype"):
+            ops.contrastive_conv_grad(x, s, idx, x.double(), s, idx, *c, gw, gb)
+        with pytest.raises(ValueError, match="grad_bias has 3 entries"):
+            ops.contrastive_conv_grad(x, s, idx, x, s, idx, *c, gw, gb[:3])
+        with pytest.raises(ValueError, match="conv_out_size"):
+            ops.contrastive_conv_grad(x, s, idx, x, s, idx, [hw[0] + 1, hw[1]], *c[1:], gw, gb)
+        with pytest.raises(ValueError, match="grad_weight must have 4 dimensions"):
+            ops.contrastive_conv_grad(x, s, idx, x, s, idx, *c, gw[0], gb)
+
+
+# --------------------------------------------------------------------------------------------
+# errors from the C++ kernels themselves (torch.ops called directly): RuntimeError, no crash
+# --------------------------------------------------------------------------------------------
+
+def test_kernels_check_their_inputs(gen):
+    x, w, b, conv, pool, hw = _drive_args(gen)
+    cv = [conv["stride"], conv["padding"], conv["dilation"], conv["groups"]]
+    d, idx = ops.conv_pool_drive_ref(x, w, b, *cv, pool)
+    ins = list(x.shape[2:])
+    bad = [
+        ("x must have 4 dimensions", lambda: C.conv_pool_drive(x[0], w, b, *cv, pool)),
+        ("weight has dtype Double", lambda: C.conv_pool_drive(x, w.double(), b, *cv, pool)),
+        ("bias has 4 entries", lambda: C.conv_pool_drive(x, w, b[:4], *cv, pool)),
+        ("x must be a floating-point", lambda: C.conv_pool_drive(x.long(), w.long(), None, *cv, pool)),
+        ("pool must be >= 1", lambda: C.conv_pool_drive(x, w, b, *cv, 0)),
+        ("stride must be >= 1", lambda: C.conv_pool_drive(x, w, b, [0, 1], *cv[1:], pool)),
+        ("channels", lambda: C.conv_pool_drive(x[:, :2], w, b, *cv, pool)),
+        ("too small for pool", lambda: C.conv_pool_drive(x[..., :2, :2], w, b, [1, 1], [0, 0], [1, 1], 1, 2)),
+        ("indices must have dtype int64", lambda: C.pool_conv_transpose(d, idx.int(), w, ins, hw, *cv, pool)),
+        ("indices has shape", lambda: C.pool_conv_transpose(d, idx[:1], w, ins, hw, *cv, pool)),
+        ("s has 4 channels", lambda: C.pool_conv_transpose(d[:, :4], idx[:, :4], w, ins, hw, *cv, pool)),
+        ("s must have 4 dimensions", lambda: C.pool_conv_transpose(d[0], idx[0], w, ins, hw, *cv, pool)),
+        ("conv_out_size", lambda: C.pool_conv_transpose(d, idx, w, ins, [hw[0] + 3, hw[1]], *cv, pool)),
+        ("weight has dtype Double", lambda: C.pool_conv_transpose(d, idx, w.double(), ins, hw, *cv, pool)),
+        ("outside its 2x2 pooling window", lambda: C.pool_conv_transpose(d, idx + 10 ** 6, w, ins, hw, *cv, pool)),
+        ("pack_top_down_weight: weight must be float32 or float64", lambda: C.pack_top_down_weight(w.half())),
+        ("weight must have 4 dimensions", lambda: C.pack_top_down_weight(w[0])),
+        ("packed_weight has dtype Double", lambda: C.pool_conv_transpose(d, idx, w, ins, hw, *cv, pool,
+                                                                         C.pack_top_down_weight(w).double())),
+        ("top_down has shape", lambda: C.state_update(d, d[:1], None, None, 1.0, torch.empty_like(d))),
+        ("nudge has dtype Double", lambda: C.state_update(d, None, d.double(), None, 1.0, torch.empty_like(d))),
+        ("out has shape", lambda: C.state_update(d, None, None, None, 1.0, d[:1].clone())),
+        ("must not alias", lambda: C.state_update(d, None, None, d, 1.0, d)),
+        ("drive must be a floating-point", lambda: C.state_update(idx, None, None, None, 1.0, idx.clone())),
+        ("s_a has shape", lambda: C.contrastive_conv_grad(x, d, idx, x, d[:1], idx[:1], hw, *cv, pool, 1.0,
+                                                          torch.zeros_like(w), None)),
+        ("idx_b must have dtype int64", lambda: C.contrastive_conv_grad(x, d, idx, x, d, idx.int(), hw, *cv, pool,
+                                                                        1.0, torch.zeros_like(w), None)),
+        ("grad_bias has 3 entries", lambda: C.contrastive_conv_grad(x, d, idx, x, d, idx, hw, *cv, pool, 1.0,
+                                                                    torch.zeros_like(w), b[:3].clone())),
+        ("outside its 2x2 pooling window", lambda: C.contrastive_conv_grad(
+            x, d, idx, x, d, idx + 10 ** 6, hw, *cv, pool, 1.0, torch.zeros_like(w), None)),
+        ("x_b has dtype Double", lambda: C.contrastive_conv_grad(x, d, idx, x.double(), d, idx, hw, *cv, pool, 1.0,
+                                                                 torch.zeros_like(w), None)),
+    ]
+    for msg, fn in bad:
+        with pytest.raises(RuntimeError, match=msg):
+            fn()
