@@ -77,9 +77,15 @@ class EPConv2d(nn.Conv2d):
     def drive(self, s_prev):
         return ops.conv_pool_drive(s_prev, self.weight, self.bias, pool=self.pool, **self.conv_args())
 
-    def top_down(self, s, indices, prev_shape):
+    def pack_weight(self):
+        """The weight in the compiled top-down kernel's layout (None when that kernel will
+        not run). Valid until the weight changes: the engine packs once per call."""
+        return ops.pack_top_down_weight(self.weight.detach()) if self.pool > 1 else None
+
+    def top_down(self, s, indices, prev_shape, packed=None):
         return ops.pool_conv_transpose(s, indices, self.weight, list(prev_shape[1:]),
-                                       self.conv_out_size(prev_shape[1:]), pool=self.pool, **self.conv_args())
+                                       self.conv_out_size(prev_shape[1:]), pool=self.pool, packed_weight=packed,
+                                       **self.conv_args())
 
     def accumulate_contrastive_grad(self, x_a, s_a, idx_a, x_b, s_b, idx_b, scale):
         ops.contrastive_conv_grad(x_a, s_a, idx_a, x_b, s_b, idx_b, self.conv_out_size(x_a.shape[2:]),
@@ -106,7 +112,10 @@ class EPLinear(nn.Linear):
     def drive(self, s_prev):
         return F.linear(s_prev.flatten(1), self.weight, self.bias), None
 
-    def top_down(self, s, indices, prev_shape):
+    def pack_weight(self):
+        return None
+
+    def top_down(self, s, indices, prev_shape, packed=None):
         return (s @ self.weight).view(s.shape[0], *prev_shape)
 
     def accumulate_contrastive_grad(self, x_a, s_a, idx_a, x_b, s_b, idx_b, scale):
