@@ -3,15 +3,18 @@
 - ``digits`` (the default): scikit-learn's 1797 real 8x8 handwritten digits, bundled with
   scikit-learn so nothing is downloaded. Pixel values 0..16 are scaled to [0, 1]. A fixed,
   seeded, stratified split keeps 360 digits (20%) as a held-out test set; the split never
-  depends on the training seed, so every run is evaluated on the same digits.
+  depends on the training seed, so every run is evaluated on the same digits. Training
+  augmentation (on by default): random translations by up to one pixel; with 1437 training
+  digits it was worth 1 to 2 points of test accuracy in our runs.
 - ``mnist``, ``fashion-mnist``, ``cifar10``, ``cifar100``: read from a local folder in
   torchvision's layout (``--data-dir``) through torchvision, which is then required (it is not a
   dependency of ep_kernels). ``download=True`` is only attempted when asked for.
 
 Everything is loaded into tensors once and batched by the trainer: a DataLoader with per-image
-transforms would be slower for these small images and would make exact resumption harder. The
-CIFAR augmentation (random crop 32 with padding 4, horizontal flip) is done per batch with an
-explicit ``torch.Generator``, so it is reproducible and its state can be checkpointed.
+transforms would be slower for these small images and would make exact resumption harder.
+Augmentation (CIFAR: random crop 32 with padding 4 and horizontal flip, on by default; MNIST:
+random shifts, off by default) is done per batch with an explicit ``torch.Generator``, so it is
+reproducible and its state can be checkpointed.
 """
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -59,13 +62,19 @@ class Dataset:
                        self.y_test[:n_test], self.n_classes, self.augment)
 
 
-def load_dataset(name="digits", data_dir=None, download=False):
-    """Load dataset ``name`` (one of ``DATASETS``) into memory."""
-    if name == "digits":
-        return load_digits()
+def load_dataset(name="digits", data_dir=None, download=False, augment=None):
+    """Load dataset ``name`` (one of ``DATASETS``) into memory.
+
+    ``augment``: None for the dataset's default (``DEFAULT_AUGMENT``), True for its usual
+    training augmentation (``AUGMENTATION``), False for none.
+    """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r} (--dataset); choose one of {', '.join(DATASETS)}")
-    return _load_torchvision(name, data_dir, download)
+    d = load_digits() if name == "digits" else _load_torchvision(name, data_dir, download)
+    if augment is None:
+        augment = DEFAULT_AUGMENT[name]
+    d.augment = AUGMENTATION[name] if augment else None
+    return d
 
 
 def load_digits():
@@ -85,8 +94,8 @@ def load_digits():
 # --- torchvision datasets ------------------------------------------------------------------
 
 _LAYOUT = {
-    "mnist": "<data-dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
-    "fashion-mnist": "<data-dir>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]",
+    "mnist": "<data-dir>/MNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (uncompressed)",
+    "fashion-mnist": "<data-dir>/FashionMNIST/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte (uncompressed)",
     "cifar10": "<data-dir>/cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
     "cifar100": "<data-dir>/cifar-100-python/{train,test,meta}",
 }
@@ -98,10 +107,14 @@ def _import_torchvision(name):
     except ImportError as e:
         raise RuntimeError(
             f"dataset {name!r} is read through torchvision, which is not installed (it is optional for "
-            f"ep_kernels). Install the torchvision build matching your torch "
-            f"(torch {torch.__version__}), e.g.  pip install torchvision  -- or use --dataset digits, which "
-            f"needs nothing else."
+            f"ep_kernels). Install the torchvision release made for your torch {torch.__version__}: "
+            f"pip install torchvision  (for a CPU-only torch add  --index-url "
+            f"https://download.pytorch.org/whl/cpu), or use --dataset digits, which needs nothing else."
         ) from e
+    except Exception as e:  # installed but broken, typically built for another torch
+        raise RuntimeError(f"dataset {name!r} is read through torchvision, which is installed but failed to "
+                           f"import ({type(e).__name__}: {e}); it must be the build matching torch "
+                           f"{torch.__version__}") from e
     import torchvision.datasets as tvd
     return tvd
 
@@ -116,45 +129,64 @@ def _load_torchvision(name, data_dir, download):
     try:
         train = cls(str(data_dir), train=True, download=download)
         test = cls(str(data_dir), train=False, download=download)
-    except RuntimeError as e:
-        # torchvision says "Dataset not found or corrupted"; say where we looked and what we expect.
+    except (RuntimeError, OSError) as e:
+        # torchvision says "Dataset not found or corrupted" (or a download fails): say where we
+        # looked and what we expect.
         hint = "" if download else " (or pass --download to fetch it, if this machine has network access)"
         raise RuntimeError(f"could not read dataset {name!r} from --data-dir {data_dir!r}: {e}. Expected the "
                            f"layout {_LAYOUT[name]}{hint}") from e
 
-    if name in ("mnist", "fashion-mnist"):
-        mean, std = (MNIST_MEAN, MNIST_STD) if name == "mnist" else (FASHION_MEAN, FASHION_STD)
-        to_x = lambda d: d.data.to(torch.float32).div_(255.0).unsqueeze(1)  # noqa: E731  (N, 1, 28, 28)
-        to_y = lambda d: torch.as_tensor(d.targets, dtype=torch.int64)  # noqa: E731
-        augment = None
-        n_classes = 10
-    else:
-        mean, std = (CIFAR10_MEAN, CIFAR10_STD) if name == "cifar10" else (CIFAR100_MEAN, CIFAR100_STD)
-        to_x = lambda d: torch.from_numpy(d.data).to(torch.float32).div_(255.0).permute(0, 3, 1, 2)  # noqa: E731
-        to_y = lambda d: torch.as_tensor(d.targets, dtype=torch.int64)  # noqa: E731
-        augment = cifar_augment
-        n_classes = 10 if name == "cifar10" else 100
+    mean, std, n_classes = {"mnist": (MNIST_MEAN, MNIST_STD, 10), "fashion-mnist": (FASHION_MEAN, FASHION_STD, 10),
+                            "cifar10": (CIFAR10_MEAN, CIFAR10_STD, 10),
+                            "cifar100": (CIFAR100_MEAN, CIFAR100_STD, 100)}[name]
+    mean = torch.tensor(mean).view(1, -1, 1, 1)
+    std = torch.tensor(std).view(1, -1, 1, 1)
 
-    m = torch.tensor(mean).view(1, -1, 1, 1)
-    s = torch.tensor(std).view(1, -1, 1, 1)
-    norm = lambda x: ((x - m) / s).contiguous()  # noqa: E731
-    # Normalising before augmentation is equivalent to torchvision's order (crop/flip, then
-    # normalise) except for the zero padding of the crop, which then pads with the mean
-    # colour instead of black: the common choice for normalised inputs.
-    return Dataset(name, norm(to_x(train)), to_y(train), norm(to_x(test)), to_y(test), n_classes, augment)
+    def images(ds):
+        if name in ("mnist", "fashion-mnist"):  # uint8 tensor (N, 28, 28)
+            x = ds.data.to(torch.float32).unsqueeze(1)
+        else:  # uint8 numpy array (N, 32, 32, 3)
+            x = torch.from_numpy(ds.data).to(torch.float32).permute(0, 3, 1, 2)
+        # Normalising before augmentation is torchvision's order (crop/flip, then normalise)
+        # except that the crop's zero padding then pads with the mean colour, not black.
+        return ((x / 255.0 - mean) / std).contiguous()
+
+    def labels(ds):
+        return torch.as_tensor(ds.targets, dtype=torch.int64)
+
+    return Dataset(name, images(train), labels(train), images(test), labels(test), n_classes)
 
 
-def cifar_augment(x, generator, pad=4):
-    """Random crop (size of ``x``, zero padding ``pad``) and random horizontal flip, per image."""
+def random_crop_flip(x, generator, pad, flip):
+    """Per image: a random crop of the size of ``x`` from ``x`` zero-padded by ``pad``, and, with
+    ``flip``, a horizontal flip with probability 1/2. Draws from ``generator`` only."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
     dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    rows = (dy.view(n, 1) + torch.arange(h).view(1, h))  # (n, h)
-    cols = (dx.view(n, 1) + torch.arange(w).view(1, w))  # (n, w)
-    cols = torch.where(flip.view(n, 1), cols.flip(1), cols)
+    rows = dy.view(n, 1) + torch.arange(h).view(1, h)  # (n, h)
+    cols = dx.view(n, 1) + torch.arange(w).view(1, w)  # (n, w)
+    if flip:
+        flipped = torch.rand(n, generator=generator) < 0.5
+        cols = torch.where(flipped.view(n, 1), cols.flip(1), cols)
     idx_n = torch.arange(n).view(n, 1, 1)
-    # Advanced indexing gathers each image's window: result (n, h, w, C) -> (n, C, h, w).
+    # Advanced indexing gathers each image's window: (n, h, w, C) -> (n, C, h, w).
     out = padded.permute(0, 2, 3, 1)[idx_n, rows.view(n, h, 1), cols.view(n, 1, w)]
     return out.permute(0, 3, 1, 2).contiguous()
+
+
+def cifar_augment(x, generator, pad=4):
+    """The usual CIFAR augmentation: random crop with padding 4, random horizontal flip."""
+    return random_crop_flip(x, generator, pad, flip=True)
+
+
+def shift_augment(x, generator, pad=1):
+    """Random translations by up to ``pad`` pixels, no flip (digits are not mirror-symmetric)."""
+    return random_crop_flip(x, generator, pad, flip=False)
+
+
+# The usual training augmentation of each dataset, and whether it is on by default.
+AUGMENTATION = {"digits": shift_augment, "mnist": lambda x, g: shift_augment(x, g, pad=2),
+                "fashion-mnist": lambda x, g: shift_augment(x, g, pad=2), "cifar10": cifar_augment,
+                "cifar100": cifar_augment}
+DEFAULT_AUGMENT = {"digits": True, "mnist": False, "fashion-mnist": False, "cifar10": True, "cifar100": True}
