@@ -26,7 +26,7 @@ import torch
 
 import ep_reference
 from ep_kernels import EPConv2d, EPNetwork, use_backend
-from ep_kernels.engine import ACTIVATION_GAIN, relax
+from ep_kernels.engine import ACTIVATION_GAIN, prepare_layers, relax
 
 from conftest import record
 
@@ -79,17 +79,23 @@ def test_step_autograd_phi(benchmark, setup):
     benchmark.pedantic(lambda: ep_reference.step(ref, x, states), rounds=5, warmup_rounds=1)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_step_explicit(benchmark, setup, backend):
+PATHS = {"explicit-dense": ("reference", None), "fused-cpu": ("cpu", None),
+         "fused-cpu-bf16": ("cpu", torch.bfloat16)}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_step_explicit(benchmark, setup, path):
     net, x, _, states = setup
+    backend, compute_dtype = PATHS[path]
     benchmark.group = "vgg5 one relaxation step, batch 32"
-    benchmark.name = f"test_step_explicit[{'explicit-dense' if backend == 'reference' else 'fused-cpu'}]"
+    benchmark.name = f"test_step_explicit[{path}]"
     gain = ACTIVATION_GAIN[net.activation]
     with use_backend(backend), torch.no_grad():
-        first = net.layers[0].drive(x)
+        prepared = prepare_layers(net.layers, compute_dtype)
+        first = net.layers[0].drive(x, prepared[0])
         spare = [torch.empty_like(s) for s in states]
         run = lambda: relax(net.layers, x, [s.clone() for s in states], 1, gain, first_drive=first,  # noqa: E731
-                            spare=spare)
+                            spare=spare, prepared=prepared)
         benchmark.pedantic(run, rounds=5, warmup_rounds=1)
     flops = step_flops(net, x)
     benchmark.extra_info["gflop_per_step_dense"] = flops / 1e9
@@ -116,21 +122,26 @@ def test_ep_backward_autograd_phi(benchmark, setup):
     benchmark.pedantic(lambda: ep_reference.ep_gradient(ref, x, y, 0.5, T1, T2), rounds=1, warmup_rounds=0)
 
 
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-def test_ep_backward_explicit(benchmark, setup, backend):
+@pytest.mark.parametrize("path", list(PATHS))
+def test_ep_backward_explicit(benchmark, setup, path):
     net, x, y, _ = setup
+    backend, compute_dtype = PATHS[path]
     benchmark.group = "vgg5 ep_backward T1=250 T2=25 symmetric, batch 32"
-    benchmark.name = f"test_ep_backward[{'explicit-dense' if backend == 'reference' else 'fused-cpu'}]"
+    benchmark.name = f"test_ep_backward[{path}]"
 
     def run():
         net.zero_grad(set_to_none=True)
         return net.ep_backward(x, y, beta=0.5, T1=T1, T2=T2)
 
-    with use_backend(backend):
-        benchmark.pedantic(run, rounds=1, warmup_rounds=0)
-        res = run()
+    net.compute_dtype = compute_dtype
+    try:
+        with use_backend(backend):
+            benchmark.pedantic(run, rounds=1, warmup_rounds=0)
+            res = run()
+    finally:
+        net.compute_dtype = None
     # The fast path computes the same states: compare with the reference once.
-    if backend == "cpu":
+    if path == "fused-cpu":
         ref = ep_reference.ReferenceNet.from_module(net)
         s_ref = ep_reference.free_phase(ref, x, T1)
         s_ours, _ = net.free_phase(x, T1=T1)

@@ -123,21 +123,21 @@ def make_nudge_fn(net, y, teacher, beta):
 
 
 def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, tol=None, check_every=10,
-          spare=None, phase="free", packed=None):
+          spare=None, phase="free", prepared=None):
     """Run ``steps`` synchronous updates from ``states``; returns (states, PhaseReport).
 
     ``states`` and ``spare`` are lists of same-shaped buffers; the result is in one of them.
     ``first_drive`` (the constant drive of layer 0 for the clamped ``x``) is computed once
     here when not given. ``nudge_fn(states)`` gives a per-layer list of nudges (or None).
-    ``packed``: per layer, the weight packed for the top-down kernel (``pack_weights``).
+    ``prepared``: per layer, the weights as relaxation uses them (``prepare_layers``).
     With ``tol`` the phase stops once every layer's max change is below it (tested every
     ``check_every`` steps: a host sync each time).
     """
     L = len(layers)
+    if prepared is None:
+        prepared = prepare_layers(layers)
     if first_drive is None:
-        first_drive = layers[0].drive(x)
-    if packed is None:
-        packed = pack_weights(layers)
+        first_drive = layers[0].drive(x, prepared[0])
     if spare is None:
         spare = [torch.empty_like(s) for s in states]
     shapes = [tuple(x.shape[1:])] + [tuple(s.shape[1:]) for s in states[:-1]]
@@ -145,12 +145,12 @@ def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, to
     converged = False
     t = 0
     for t in range(1, steps + 1):
-        drives = [first_drive] + [layers[l].drive(states[l - 1]) for l in range(1, L)]
+        drives = [first_drive] + [layers[l].drive(states[l - 1], prepared[l]) for l in range(1, L)]
         nudge = nudge_fn(states) if nudge_fn is not None else [None] * L
         for l in range(L):
             top = None
             if l + 1 < L:
-                top = layers[l + 1].top_down(states[l + 1], drives[l + 1][1], shapes[l + 1], packed[l + 1])
+                top = layers[l + 1].top_down(states[l + 1], drives[l + 1][1], shapes[l + 1], prepared[l + 1])
             changes[l] = ops.state_update(drives[l][0], top, nudge[l], states[l], gain,
                                           spare[l])
         states, spare = spare, states
@@ -168,30 +168,31 @@ def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, to
     return states, PhaseReport(steps=t if steps > 0 else 0, residual=res, converged=converged)
 
 
-def pack_weights(layers):
-    """Each layer's weight in the top-down kernel's layout, once per call (weights are fixed
-    during relaxation); the first layer sends nothing down, so it needs none."""
-    return [None] + [layer.pack_weight() for layer in layers[1:]]
+def prepare_layers(layers, compute_dtype=None):
+    """Each layer's weights as relaxation uses them, once per call (weights are fixed during
+    relaxation): packed for the compiled top-down kernel, and cast to ``compute_dtype``
+    (bfloat16 convolutions with float32 states and state updates) when one is given."""
+    return [layer.prepare(compute_dtype) for layer in layers]
 
 
-def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=None, packed=None):
+def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=None, prepared=None):
     """T steps at beta = 0 from zero states. Returns (s*, report); s* lives in the plan's
     buffers, so copy it before the next phase of the same batch size if you keep it."""
     bufs, spare = plan.buffers(x.shape[0])
     for b in bufs:
         b.zero_()
     return relax(layers, x, bufs, T, gain, first_drive=first_drive, tol=tol, check_every=check_every,
-                 spare=spare, phase="free", packed=packed)
+                 spare=spare, phase="free", prepared=prepared)
 
 
 def nudged_phase(net, plan, x, y, teacher, s_star, betas, T, gain, tol=None, check_every=10, first_drive=None,
-                 packed=None):
+                 prepared=None):
     """T steps from ``s_star`` with per-example nudging strengths ``betas`` (an (N,) tensor)."""
     bufs, spare = plan.buffers(x.shape[0])
     for b, s in zip(bufs, s_star):
         b.copy_(s)
     return relax(net.layers, x, bufs, T, gain, first_drive=first_drive, tol=tol, check_every=check_every,
-                 spare=spare, phase="nudged", nudge_fn=make_nudge_fn(net, y, teacher, betas), packed=packed)
+                 spare=spare, phase="nudged", nudge_fn=make_nudge_fn(net, y, teacher, betas), prepared=prepared)
 
 
 def cost(mode, readout, s_last, y):
@@ -264,9 +265,10 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep
     teacher = resolve_teacher(net, teacher, x)
     grads_before = [[None if p.grad is None else p.grad.clone() for p in layer.parameters()] for layer in layers]
     with torch.no_grad():
-        first = layers[0].drive(x)
-        packed = pack_weights(layers)
-        s_free, free_rep = free_phase(layers, plan, x, T1, gain, tol, check_every, first_drive=first, packed=packed)
+        prepared = prepare_layers(layers, net.compute_dtype)
+        first = layers[0].drive(x, prepared[0])
+        s_free, free_rep = free_phase(layers, plan, x, T1, gain, tol, check_every, first_drive=first,
+                                      prepared=prepared)
         s_star = [s.clone() for s in s_free]
         if nudging == "symmetric":
             # +beta and -beta are independent: one phase on a batch of 2N.
@@ -277,7 +279,7 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep
                                torch.full((n,), -beta, dtype=x.dtype, device=x.device)])
             s2 = [torch.cat([s, s]) for s in s_star]
             s_nud, nud_rep = nudged_phase(net, plan, x2, torch.cat([y, y]), _double_teacher(teacher), s2, betas, T2,
-                                          gain, tol, check_every, first_drive=first2, packed=packed)
+                                          gain, tol, check_every, first_drive=first2, prepared=prepared)
             s_plus = [s[:n].clone() for s in s_nud]
             s_minus = [s[n:].clone() for s in s_nud]
             contrastive_update(layers, x, s_plus, s_minus, x, -1.0 / (2.0 * beta * n))
@@ -288,7 +290,7 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep
                 b = beta if torch.randint(0, 2, (1,)).item() == 1 else -beta
             betas = torch.full((n,), b, dtype=x.dtype, device=x.device)
             s_nud, nud_rep = nudged_phase(net, plan, x, y, teacher, s_star, betas, T2, gain, tol, check_every,
-                                          first_drive=first, packed=packed)
+                                          first_drive=first, prepared=prepared)
             s_plus, s_minus = [s.clone() for s in s_nud], None
             contrastive_update(layers, x, s_plus, s_star, x, -1.0 / (b * n))
             head_states = (s_star,)

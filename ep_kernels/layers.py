@@ -8,12 +8,26 @@ names and shapes, so state dicts move both ways) plus the three things relaxatio
 They stay thin: the arithmetic is in ``ep_kernels.ops``, the algorithm in ``ep_kernels.engine``.
 """
 import math
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from . import ops
+
+
+class Prepared(NamedTuple):
+    """A synapse's parameters as relaxation uses them, made once per call (weights are fixed
+    while the states relax): cast to the compute dtype, and packed for the top-down kernel."""
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    packed: Optional[torch.Tensor]
+    compute_dtype: Optional[torch.dtype]
+
+
+def _cast(t, dtype):
+    return t if dtype is None or t is None else t.to(dtype)
 
 
 def _grad_buffer(p):
@@ -74,18 +88,27 @@ class EPConv2d(nn.Conv2d):
                              f"too small for pool={self.pool}")
         return (self.out_channels, h // self.pool, w // self.pool)
 
-    def drive(self, s_prev):
-        return ops.conv_pool_drive(s_prev, self.weight, self.bias, pool=self.pool, **self.conv_args())
+    def prepare(self, compute_dtype=None):
+        """Weights for relaxation: optionally cast to ``compute_dtype`` (e.g. bfloat16, with
+        float32 states), and packed for the compiled top-down kernel when it will run."""
+        w = _cast(self.weight.detach(), compute_dtype)
+        packed = ops.pack_top_down_weight(w) if self.pool > 1 else None
+        return Prepared(w, _cast(None if self.bias is None else self.bias.detach(), compute_dtype), packed,
+                        compute_dtype)
 
-    def pack_weight(self):
-        """The weight in the compiled top-down kernel's layout (None when that kernel will
-        not run). Valid until the weight changes: the engine packs once per call."""
-        return ops.pack_top_down_weight(self.weight.detach()) if self.pool > 1 else None
+    def drive(self, s_prev, prep=None):
+        if prep is None:
+            return ops.conv_pool_drive(s_prev, self.weight, self.bias, pool=self.pool, **self.conv_args())
+        d, idx = ops.conv_pool_drive(_cast(s_prev, prep.compute_dtype), prep.weight, prep.bias, pool=self.pool,
+                                     **self.conv_args())
+        return d.to(s_prev.dtype), idx
 
-    def top_down(self, s, indices, prev_shape, packed=None):
-        return ops.pool_conv_transpose(s, indices, self.weight, list(prev_shape[1:]),
-                                       self.conv_out_size(prev_shape[1:]), pool=self.pool, packed_weight=packed,
-                                       **self.conv_args())
+    def top_down(self, s, indices, prev_shape, prep=None):
+        w = self.weight if prep is None else prep.weight
+        out = ops.pool_conv_transpose(_cast(s, None if prep is None else prep.compute_dtype), indices, w,
+                                      list(prev_shape[1:]), self.conv_out_size(prev_shape[1:]), pool=self.pool,
+                                      packed_weight=None if prep is None else prep.packed, **self.conv_args())
+        return out.to(s.dtype)
 
     def accumulate_contrastive_grad(self, x_a, s_a, idx_a, x_b, s_b, idx_b, scale):
         ops.contrastive_conv_grad(x_a, s_a, idx_a, x_b, s_b, idx_b, self.conv_out_size(x_a.shape[2:]),
@@ -109,14 +132,20 @@ class EPLinear(nn.Linear):
                              f"{tuple(in_shape)} ({n} features)")
         return (self.out_features,)
 
-    def drive(self, s_prev):
-        return F.linear(s_prev.flatten(1), self.weight, self.bias), None
+    def prepare(self, compute_dtype=None):
+        return Prepared(_cast(self.weight.detach(), compute_dtype),
+                        _cast(None if self.bias is None else self.bias.detach(), compute_dtype), None, compute_dtype)
 
-    def pack_weight(self):
-        return None
+    def drive(self, s_prev, prep=None):
+        if prep is None:
+            return F.linear(s_prev.flatten(1), self.weight, self.bias), None
+        d = F.linear(_cast(s_prev.flatten(1), prep.compute_dtype), prep.weight, prep.bias)
+        return d.to(s_prev.dtype), None
 
-    def top_down(self, s, indices, prev_shape, packed=None):
-        return (s @ self.weight).view(s.shape[0], *prev_shape)
+    def top_down(self, s, indices, prev_shape, prep=None):
+        w = self.weight if prep is None else prep.weight
+        out = _cast(s, None if prep is None else prep.compute_dtype) @ w
+        return out.to(s.dtype).view(s.shape[0], *prev_shape)
 
     def accumulate_contrastive_grad(self, x_a, s_a, idx_a, x_b, s_b, idx_b, scale):
         gw = _grad_buffer(self.weight)

@@ -32,10 +32,13 @@ class EPNetwork(nn.Module):
     ``flat(s_L)``); ``readout=None`` is MSE mode (``s_L`` is the output). ``activation`` is
     ``'hardsigmoid'`` (``clamp(x, 0, 1)``) or ``'hardsigmoid_half'`` (``clamp(x/2, 0, 1)``).
     ``T1``, ``T2``, ``beta``, ``nudging`` and ``tol`` are defaults for the calls below.
+    ``compute_dtype=torch.bfloat16`` runs the relaxation's convolutions and matrix products
+    in bfloat16 with the states, state updates and weight updates in the parameters' dtype
+    (measure what it does to the gradient with ``ep-gradcheck --compute-dtype bfloat16``).
     """
 
     def __init__(self, *layers, readout=None, activation="hardsigmoid_half", T1=30, T2=10, beta=0.5,
-                 nudging="symmetric", tol=None, check_every=10, signals=()):
+                 nudging="symmetric", tol=None, check_every=10, signals=(), compute_dtype=None):
         super().__init__()
         if not layers:
             raise ValueError("EPNetwork needs at least one layer")
@@ -64,6 +67,11 @@ class EPNetwork(nn.Module):
         self.nudging = nudging
         self.tol = tol
         self.check_every = _check_steps("check_every", check_every)
+        if compute_dtype is not None and compute_dtype not in (torch.bfloat16, torch.float16, torch.float32,
+                                                               torch.float64):
+            raise ValueError(f"compute_dtype must be None or a floating dtype such as torch.bfloat16, "
+                             f"got {compute_dtype!r}")
+        self.compute_dtype = compute_dtype
         self._plans = {}
 
     @property
@@ -137,7 +145,8 @@ class EPNetwork(nn.Module):
         with torch.no_grad():
             gain = engine.ACTIVATION_GAIN[self.activation]
             states, rep = engine.free_phase(self.layers, self._plan(x), x, T1, gain,
-                                            tol if tol is not None else self.tol, self.check_every)
+                                            tol if tol is not None else self.tol, self.check_every,
+                                            prepared=engine.prepare_layers(self.layers, self.compute_dtype))
             return [s.clone() for s in states], rep
 
     def forward(self, x, T1=None):
