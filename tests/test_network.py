@@ -232,3 +232,20 @@ def test_nonfinite_parameters_and_diverging_states(small):
         net.layers[1].bias.fill_(1.0)
     with pytest.raises(RelaxationDiverged, match="NaN"):
         net.ep_backward(x, y, T1=20)
+
+
+def test_bfloat16_compute_keeps_float32_states_close():
+    net = make_net("conv_pool", torch.float32, seed=2)
+    x, y = make_batch(dtype=torch.float32, seed=16)
+    exact, _ = net.free_phase(x, T1=30)
+    net.compute_dtype = torch.bfloat16
+    approx, _ = net.free_phase(x, T1=30)
+    for a, b in zip(approx, exact):
+        assert a.dtype == torch.float32
+        assert (a - b).abs().max() < 3e-2  # bf16 has 8 mantissa bits; states live in [0, 1]
+    net.zero_grad(set_to_none=True)
+    res = net.ep_backward(x, y, T1=30, T2=10)
+    assert all(p.grad.dtype == torch.float32 and p.grad.isfinite().all() for p in net.parameters())
+    assert res.loss.isfinite()
+    with pytest.raises(ValueError, match="compute_dtype"):
+        EPNetwork(EPLinear(4, 2), compute_dtype=torch.int8)
