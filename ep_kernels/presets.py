@@ -5,6 +5,17 @@
   3x3 convolutions with padding 1, 1, 1, 0, a 2x2 max-pool after each, linear readout
   (32x32 inputs: 32 -> 16 -> 8 -> 4 -> 2 -> 1, readout 512 -> classes).
 - ``mlp``: fully connected state layers, for quick checks.
+- ``vgg11``, ``vgg13``, ``vgg16``: deep VGG-style EP networks for 32x32 inputs (DESIGN.md
+  section 4): 8, 10 and 13 3x3 convolutions with padding 1 in five blocks, a 2x2 max-pool on
+  the last convolution of each block (``EPConv2d(pool=2)``: 32 -> 16 -> 8 -> 4 -> 2 -> 1),
+  linear readout 512 -> classes. Channels 64-128-256-512-512 (times ``width``).
+- ``deep8``: a reduced deep preset for the bundled 8x8 digits (CPU demonstrations of the
+  vanishing nudge): 8 convolutions (3x3, padding 1) in four blocks of two, pooled where the size
+  allows (8 -> 4 -> 2 -> 1, the last block stays at 1x1), channels 16-32-64-64 (times ``width``).
+
+Deep presets record their blocks in ``net.block_ends`` (the index of each block's last layer);
+``build_signals`` attaches the intermediate signals there by default (every block end except
+the top layer, which the readout already supervises).
 
 Initialisation is PyTorch's default (uniform, fan-in scaled) multiplied by ``init_scale``,
 the ``my_init(scale)`` of Laborieux et al.'s code. Layers are named ``layers.<i>`` and
@@ -18,7 +29,16 @@ import torch.nn as nn
 from .layers import EPConv2d, EPLinear
 from .network import EPNetwork
 
-PRESETS = ("small", "vgg5", "mlp")
+PRESETS = ("small", "vgg5", "mlp", "vgg11", "vgg13", "vgg16", "deep8")
+
+# Blocks of (channels, number of 3x3 convolutions, pool after the block).
+DEEP_BLOCKS = {
+    "vgg11": [(64, 1, 2), (128, 1, 2), (256, 2, 2), (512, 2, 2), (512, 2, 2)],
+    "vgg13": [(64, 2, 2), (128, 2, 2), (256, 2, 2), (512, 2, 2), (512, 2, 2)],
+    "vgg16": [(64, 2, 2), (128, 2, 2), (256, 3, 2), (512, 3, 2), (512, 3, 2)],
+    "deep8": [(16, 2, 2), (32, 2, 2), (64, 2, 2), (64, 2, 1)],
+}
+SIGNAL_KINDS = ("classifier", "feature", "logit")
 
 
 def _conv_stack(in_shape, specs, n_classes):
@@ -60,6 +80,17 @@ def build_network(name, in_shape, n_classes, activation="hardsigmoid_half", init
         except ValueError as e:
             raise ValueError(f"preset 'vgg5' needs inputs of at least 32x32 pixels (it was made for CIFAR); "
                              f"got shape {in_shape}: {e}") from e
+    elif name in DEEP_BLOCKS:
+        specs, block_ends = [], []
+        for c, n, pool in DEEP_BLOCKS[name]:
+            specs += [(ch(c), 3, 1, 1)] * (n - 1) + [(ch(c), 3, 1, pool)]
+            block_ends.append(len(specs) - 1)
+        try:
+            layers, readout = _conv_stack(in_shape, specs, n_classes)
+        except ValueError as e:
+            need = "8x8" if name == "deep8" else "32x32"
+            raise ValueError(f"preset {name!r} needs inputs of at least {need} pixels; got shape {in_shape}: {e}") \
+                from e
     else:  # mlp
         n_in = math.prod(in_shape)
         layers = [EPLinear(n_in, ch(256))]
@@ -69,4 +100,119 @@ def build_network(name, in_shape, n_classes, activation="hardsigmoid_half", init
         with torch.no_grad():
             for p in [p for m in list(layers) + [readout] for p in m.parameters()]:
                 p.mul_(init_scale)
-    return EPNetwork(*layers, readout=readout, activation=activation, **kw)
+    net = EPNetwork(*layers, readout=readout, activation=activation, **kw)
+    net.block_ends = tuple(block_ends) if name in DEEP_BLOCKS else _pooled_ends(net)
+    return net
+
+
+def _pooled_ends(net):
+    """Block ends of a network without recorded blocks: its pooled layers, and the top one."""
+    ends = [i for i, l in enumerate(net.layers) if getattr(l, "pool", 1) > 1]
+    top = len(net.layers) - 1
+    return tuple(ends if ends and ends[-1] == top else ends + [top])
+
+
+def default_signal_layers(net):
+    """Where intermediate signals attach by default: the end of every block except the top
+    layer (the readout's cost already nudges it). Empty for a one-block network."""
+    ends = getattr(net, "block_ends", None) or _pooled_ends(net)
+    return [i for i in ends if i != len(net.layers) - 1]
+
+
+def _layer_channels(layer):
+    return layer.out_channels if isinstance(layer, EPConv2d) else layer.out_features
+
+
+def parse_signal_kinds(text):
+    """``"classifier,feature"`` / ``"none"`` / a list -> a tuple of kinds (checked, no repeats)."""
+    if text is None:
+        return ()
+    parts = [p.strip() for p in (text.split(",") if isinstance(text, str) else text)]
+    parts = [p for p in parts if p]
+    if parts in (["none"], []):
+        return ()
+    bad = [p for p in parts if p not in SIGNAL_KINDS]
+    if bad:
+        raise ValueError(f"unknown signal kind {bad[0]!r} (--signals); choose from {', '.join(SIGNAL_KINDS)}, "
+                         "comma-separated, or 'none'")
+    if len(set(parts)) != len(parts):
+        raise ValueError(f"--signals lists a kind twice: {text!r}")
+    return tuple(parts)
+
+
+def parse_signal_layers(text, net=None):
+    """``"auto"`` or ``"1,3,5"`` (layer indices, negative counts from the end) -> list or "auto"."""
+    if text is None or (isinstance(text, str) and text.strip().lower() == "auto"):
+        return "auto"
+    parts = text.split(",") if isinstance(text, str) else list(text)
+    try:
+        vals = [int(p) for p in parts if str(p).strip()]
+    except ValueError:
+        raise ValueError(f"--signal-layers must be 'auto' or comma-separated layer indices, got {text!r}") from None
+    if net is not None:
+        n = len(net.layers)
+        for v in vals:
+            if not -n <= v < n:
+                raise ValueError(f"--signal-layers: layer {v} is out of range for this network's {n} layers "
+                                 f"(0..{n - 1})")
+    return vals
+
+
+def build_signals(net, kinds=("classifier",), layers="auto", lambdas=1.0, tau=4.0, pool_size=1, attach=True):
+    """Intermediate error signals for ``net`` (DESIGN.md section 4); attached to ``net.signals``
+    (replacing any there) unless ``attach=False``. Returns the list of signals.
+
+    - ``kinds``: any of ``"classifier"`` (a ``LocalClassifier`` at each chosen layer),
+      ``"feature"`` (a ``FeatureDistillation`` at each chosen layer: 1x1 map to the teacher's
+      feature map of the same layer, which has the same shape for ``Teacher.like(net)``) and
+      ``"logit"`` (one ``LogitDistillation`` at the readout, temperature ``tau``).
+    - ``layers``: ``"auto"`` (``default_signal_layers``: every block end but the top) or a list
+      of layer indices.
+    - ``lambdas``: one weight for every signal, or one per kind (a list in the order of
+      ``kinds``, or a dict kind -> weight).
+    """
+    from .intermediate import FeatureDistillation, LocalClassifier, LogitDistillation
+
+    kinds = parse_signal_kinds(kinds)
+    where = default_signal_layers(net) if layers == "auto" else parse_signal_layers(layers, net)
+    n = len(net.layers)
+    where = [i + n if i < 0 else i for i in where]
+    if isinstance(lambdas, dict):
+        missing = [k for k in kinds if k not in lambdas]
+        if missing:
+            raise ValueError(f"lambdas has no weight for signal kind {missing[0]!r}")
+        lam = {k: float(lambdas[k]) for k in kinds}
+    elif isinstance(lambdas, (list, tuple)):
+        if len(lambdas) == 1:
+            lam = {k: float(lambdas[0]) for k in kinds}
+        elif len(lambdas) != len(kinds):
+            raise ValueError(f"--lambda has {len(lambdas)} values for {len(kinds)} signal kinds "
+                             f"({', '.join(kinds) or 'none'}): give one value, or one per kind in that order")
+        else:
+            lam = {k: float(v) for k, v in zip(kinds, lambdas)}
+    else:
+        lam = {k: float(lambdas) for k in kinds}
+    if any(k != "logit" for k in kinds) and not where:
+        raise ValueError("no layer to attach intermediate signals to: this network has a single block; "
+                         "give --signal-layers explicitly")
+    sigs = []
+    for kind in kinds:
+        if kind == "logit":
+            if net.readout is None:
+                raise ValueError("logit distillation needs a network with a readout")
+            sigs.append(LogitDistillation("readout", weight=lam[kind], tau=tau))
+            continue
+        for i in where:
+            layer = net.layers[i]
+            c = _layer_channels(layer)
+            if kind == "classifier":
+                if net.n_classes is None:
+                    raise ValueError("a local classifier needs to know the number of classes")
+                sigs.append(LocalClassifier(i, c, net.n_classes, weight=lam[kind],
+                                            pool_size=pool_size if isinstance(layer, EPConv2d) else 1))
+            else:
+                sigs.append(FeatureDistillation(i, c, weight=lam[kind], conv=isinstance(layer, EPConv2d)))
+    if attach:
+        p = next(net.parameters())
+        net.signals = nn.ModuleList(sigs).to(device=p.device, dtype=p.dtype)
+    return sigs

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed as _dist
 from .data import DATASETS, load_dataset
 from .presets import PRESETS, build_network
 
@@ -47,7 +48,7 @@ DEFAULTS = dict(
 )
 
 # Options that describe where/how this invocation runs, never stored as the run's config.
-_FRESH = ("resume", "run_dir", "max_minutes", "no_progress")
+_FRESH = ("resume", "run_dir", "max_minutes", "no_progress", "dist_backend", "dist_timeout")
 # Stored in the config, but a resumed run may change them (they do not change the maths,
 # except threads, which can change float rounding: warned about).
 _OVERRIDABLE = ("threads", "device", "data_dir", "download", "epochs")
@@ -158,7 +159,19 @@ def make_parser():
     g.add_argument("--max-minutes", type=_typed(float, 0, strict=True), default=None,
                    help="stop cleanly (saving) after this much wall-clock time; resume later")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
+    _add_signal_options(p)
+    _add_distributed_options(p)
     return p
+
+
+def _add_distributed_options(p):
+    """Options of a data-parallel run under torchrun (ep_kernels/distributed.py)."""
+    g = p.add_argument_group("several processes (under torchrun; ignored otherwise)")
+    g.add_argument("--dist-backend", choices=("gloo", "nccl"), default=None,
+                   help="torch.distributed backend (default: nccl for --device cuda, gloo on CPU)")
+    g.add_argument("--dist-timeout", type=_typed(float, 0, strict=True), default=None, metavar="SECONDS",
+                   help="give up on a collective (all-reduce) after this long, e.g. when a peer hangs "
+                        "(default: torch's)")
 
 
 def _explicit_options(parser, argv):
@@ -181,6 +194,8 @@ def _explicit_options(parser, argv):
 def _write_atomic(path, write):
     """Write through a temporary file in the same folder, then rename over ``path``: a reader
     (or a crash) sees the old file or the new one, never half of one."""
+    if not _dist.is_writer():  # data-parallel run: only rank 0 writes the run folder
+        return
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -329,6 +344,159 @@ def _summary(history):
             "best_test_acc": best["test_acc"], "best_epoch": best["epoch"]}
 
 
+# --- intermediate signals, teacher, diagnostics plot (DESIGN.md section 4) ----------------------
+# Every choice is an option stored in config.json (the paper's method is not fully public);
+# what was actually attached is recorded too (cfg["signals_used"], cfg["teacher_file"]).
+
+SIGNAL_DEFAULTS = dict(
+    signals="none", signal_layers="auto", lambdas="1.0", tau=4.0, signal_pool=1,
+    teacher=None, train_teacher=False, teacher_epochs=10, teacher_lr=0.05,
+)
+DEFAULTS.update(SIGNAL_DEFAULTS)  # stored in the run's config like every other option
+TEACHER_FILE = "teacher.pt"  # where --train-teacher saves the teacher, in the run folder
+
+
+def _add_signal_options(p):
+    d = SIGNAL_DEFAULTS
+    g = p.add_argument_group("intermediate signals and distillation (DESIGN.md section 4)")
+    g.add_argument("--signals", default=d["signals"],
+                   help="extra cost terms: classifier (local classifier heads), feature (feature distillation "
+                        "to a teacher through 1x1 maps), logit (KD at the readout), comma-separated, or none "
+                        "(default: %(default)s)")
+    g.add_argument("--signal-layers", default=d["signal_layers"],
+                   help="where classifier/feature signals attach: auto (the end of every block but the top "
+                        "layer) or comma-separated layer indices (default: %(default)s)")
+    g.add_argument("--lambda", dest="lambdas", default=d["lambdas"],
+                   help="signal weight: one value, or one per --signals kind in that order (default: %(default)s)")
+    g.add_argument("--tau", type=_typed(float, 0, strict=True), default=d["tau"],
+                   help="logit distillation temperature (default: %(default)s)")
+    g.add_argument("--signal-pool", type=_typed(int, 1), default=d["signal_pool"],
+                   help="local classifier heads read the state average-pooled to this size (default: %(default)s)")
+    g.add_argument("--teacher", default=d["teacher"], metavar="PATH",
+                   help="a saved teacher (ep_kernels.teacher.save_teacher) for feature/logit distillation")
+    g.add_argument("--train-teacher", action="store_true",
+                   help=f"first train the feed-forward teacher by backprop (--teacher-epochs), save it as "
+                        f"{TEACHER_FILE} in the run folder, then use it")
+    g.add_argument("--teacher-epochs", type=_typed(int, 1), default=d["teacher_epochs"],
+                   help="default: %(default)s")
+    g.add_argument("--teacher-lr", type=_typed(float, 0, strict=True), default=d["teacher_lr"],
+                   help="teacher SGD learning rate (default: %(default)s)")
+
+
+def _check_signal_options(cfg):
+    """Parsed signal kinds, layers and weights of ``cfg``; UsageError on bad combinations."""
+    from .presets import parse_signal_kinds, parse_signal_layers
+    try:
+        kinds = parse_signal_kinds(cfg["signals"])
+        layers = parse_signal_layers(cfg["signal_layers"])
+    except ValueError as e:
+        raise UsageError(str(e))
+    try:
+        lambdas = [float(v) for v in str(cfg["lambdas"]).split(",")]
+    except ValueError:
+        raise UsageError(f"--lambda: expected a number or comma-separated numbers, got {cfg['lambdas']!r}")
+    if not all(math.isfinite(v) and v > 0 for v in lambdas):
+        raise UsageError(f"--lambda: weights must be positive and finite, got {cfg['lambdas']!r}")
+    distill = [k for k in kinds if k in ("feature", "logit")]
+    if cfg["teacher"] is not None and cfg["train_teacher"]:
+        raise UsageError("give either --teacher PATH or --train-teacher, not both")
+    if distill and cfg["teacher"] is None and not cfg["train_teacher"]:
+        raise UsageError(f"--signals {','.join(distill)} (distillation) needs a teacher: --teacher PATH (a saved "
+                         "teacher) or --train-teacher (train one by backprop first)")
+    if not distill and (cfg["teacher"] is not None or cfg["train_teacher"]):
+        raise UsageError("--teacher/--train-teacher are only used by distillation signals: add --signals feature "
+                         "and/or logit")
+    if cfg["teacher"] is not None and not os.path.isfile(cfg["teacher"]):
+        raise UsageError(f"--teacher {cfg['teacher']!r}: no such file")
+    if kinds and cfg["algorithm"] not in ("ep", "bptt"):
+        raise UsageError(f"--signals needs --algorithm ep or bptt, got {cfg['algorithm']!r}")
+    return kinds, layers, lambdas
+
+
+def _attach_signals(cfg, net):
+    """Attach the configured signals to ``net`` (before the optimizer is built, so their heads
+    and maps get their own parameter group) and record what was attached in ``cfg``."""
+    from .presets import build_signals
+    kinds, layers, lambdas = _check_signal_options(cfg)
+    if not kinds:
+        cfg["signals_used"] = []
+        return
+    try:
+        sigs = build_signals(net, kinds, layers, lambdas if len(lambdas) > 1 else lambdas[0], tau=cfg["tau"],
+                             pool_size=cfg["signal_pool"])
+    except ValueError as e:
+        raise UsageError(str(e))
+    cfg["signals_used"] = [dict({"kind": s.kind, "layer": s.layer, "weight": s.weight},
+                                **({"tau": s.tau} if s.kind == "logit" else {})) for s in sigs]
+
+
+def _prepare_teacher(cfg, net, data, device, run_dir, resumed):
+    """The teacher for distillation (None without distillation signals): loaded from
+    ``--teacher``, or trained by backprop into the run folder (``--train-teacher``; a resumed
+    run loads the one it saved). Teacher training does not touch the run's random state."""
+    from .teacher import Teacher, evaluate as teacher_eval, load_teacher, save_teacher, train_teacher
+    if not any(s.kind in ("feature", "logit") for s in net.signals):
+        return None
+    teacher = None
+    if cfg["train_teacher"]:
+        path = os.path.join(run_dir, TEACHER_FILE)
+        if not os.path.isfile(path):
+            if resumed:
+                print(f"ep-train: note: {path} is missing; training the teacher again", file=sys.stderr)
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                teacher = Teacher.like(net, seed=cfg["seed"]).to(device)
+                accs = train_teacher(teacher, data, epochs=cfg["teacher_epochs"], lr=cfg["teacher_lr"],
+                                     seed=cfg["seed"], progress=False,
+                                     log=lambda m: print(f"ep-train: {m}", file=sys.stderr))
+            # Every rank trains the same teacher (same seed, same data); only rank 0 writes it,
+            # atomically, and every rank keeps its own copy in memory (no read-after-write race).
+            trained = teacher.cpu()
+            if _dist.is_writer():
+                tmp = path + ".tmp"
+                save_teacher(trained, tmp, meta={"preset": cfg["preset"], "width": cfg["width"],
+                                                 "dataset": cfg["dataset"], "epochs": cfg["teacher_epochs"],
+                                                 "lr": cfg["teacher_lr"], "test_acc": accs})
+                os.replace(tmp, path)
+            trained.eval()
+            for p in trained.parameters():
+                p.requires_grad_(False)
+            teacher = trained.to(device)
+    else:
+        path = cfg["teacher"]
+    try:
+        if teacher is None:  # not trained in this process: load it (weights_only)
+            teacher = load_teacher(path, net).to(device)
+    except (ValueError, RuntimeError, OSError, KeyError) as e:
+        raise UsageError(f"teacher {path!r}: {e}")
+    cfg["teacher_file"] = os.path.abspath(path)
+    if "teacher_test_acc" not in cfg:
+        cfg["teacher_test_acc"] = teacher_eval(teacher, data.x_test.to(device), data.y_test.to(device))
+        print(f"ep-train: teacher {path}: test accuracy {100 * cfg['teacher_test_acc']:.2f}%", file=sys.stderr)
+    return teacher
+
+
+def plot_diagnostics(path, history, title=""):
+    """The paper's diagnostics over training: per layer, the epoch means of |s+ - s*| and of
+    |g_theta| (log scale). Nothing is written when the history has none (BPTT)."""
+    from matplotlib.figure import Figure
+
+    rows = [r.get("diagnostics", {}) for r in history]
+    keys = [k for k in ("nudge_magnitude", "grad_magnitude") if rows and all(isinstance(d.get(k), list) for d in rows)]
+    if not keys:
+        return
+    ep = [r["epoch"] for r in history]
+    fig = Figure(figsize=(5.5 * len(keys), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(keys), squeeze=False)[0]
+    labels = {"nudge_magnitude": "mean |s+ - s*|", "grad_magnitude": "mean |g_theta|"}
+    for ax, k in zip(axes, keys):
+        for l in range(len(rows[0][k])):
+            ax.plot(ep, [max(d[k][l], 1e-30) for d in rows], "o-", ms=3, label=f"layer {l}")
+        ax.set_xlabel("epoch"), ax.set_ylabel(labels[k]), ax.set_yscale("log"), ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+    fig.suptitle(title, fontsize=9)
+    _write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
+
+
 # --- the run ---------------------------------------------------------------------------------
 
 def make_optimizer(net, lrs, momentum, weight_decay):
@@ -444,7 +612,9 @@ def main(argv=None):
     try:
         cfg, run_dir, ckpt = _resolve(parser, argv)
         args = parser.parse_args(argv)
-        return train(cfg, run_dir, ckpt, max_minutes=args.max_minutes, progress=not args.no_progress, argv=argv)
+        with _dist.session(cfg, run_dir, args.dist_backend, args.dist_timeout) as (cfg, run_dir):
+            return train(cfg, run_dir, ckpt, max_minutes=args.max_minutes,
+                         progress=not args.no_progress and _dist.is_writer(), argv=argv)
     except UsageError as e:
         parser.error(str(e))
     except FloatingPointError as e:  # divergence (NaN loss or states): a message, not a traceback
@@ -470,7 +640,7 @@ def _setup(cfg):
     if cfg["threads"] is not None:
         torch.set_num_threads(cfg["threads"])
     try:
-        device = torch.device(cfg["device"])
+        device = _dist.local_device(torch.device(cfg["device"]))  # cuda -> cuda:LOCAL_RANK under torchrun
     except RuntimeError as e:
         raise UsageError(f"--device {cfg['device']!r}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -498,6 +668,7 @@ def _setup(cfg):
                             beta=cfg["beta"], nudging=cfg["nudging"], tol=cfg["tol"])
     except ValueError as e:
         raise UsageError(str(e))
+    _attach_signals(cfg, net)  # before the optimizer: heads and maps are trained too
     net.to(device)
     opt = make_optimizer(net, parse_lrs(cfg["lr"]), cfg["momentum"], cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"]) if cfg["cosine"] else None
@@ -522,6 +693,7 @@ def _train(cfg, run_dir, ckpt, max_minutes, progress, argv):
     t_start = time.monotonic()
     device, data, gen, net, opt, sched = _setup(cfg)
     os.makedirs(run_dir, exist_ok=True)
+    teacher = _prepare_teacher(cfg, net, data, device, run_dir, resumed=ckpt is not None)
     paths = {k: os.path.join(run_dir, f) for k, f in
              (("config", "config.json"), ("metrics", "metrics.json"), ("curves", "curves.png"),
               ("ckpt", "checkpoint.pt"))}
@@ -577,9 +749,13 @@ def _train(cfg, run_dir, ckpt, max_minutes, progress, argv):
 
     def step(x, y):
         if cfg["algorithm"] == "bptt":
-            return net.bptt_backward(x, y, T1=cfg["T1"])
+            return net.bptt_backward(x, y, T1=cfg["T1"], teacher=teacher)
         return net.ep_backward(x, y, beta=cfg["beta"], T1=cfg["T1"], T2=cfg["T2"], nudging=cfg["nudging"],
-                               tol=cfg["tol"])
+                               tol=cfg["tol"], teacher=teacher)
+
+    ddp = _dist.current()
+    if ddp is not None:  # data-parallel: this rank's slice of the batch, gradients all-reduced
+        step = ddp.wrap_step(step, net)
 
     def out_of_time():
         return max_minutes is not None and time.monotonic() - t_start > 60.0 * max_minutes
@@ -621,10 +797,7 @@ def _train(cfg, run_dir, ckpt, max_minutes, progress, argv):
                     bar.update(1)
                     bar.set_postfix(loss=f"{p['loss_sum'] / p['count']:.3f}",
                                     acc=f"{100 * p['correct'] / p['count']:.1f}%")
-                    if stop_request.requested:
-                        stop = "interrupt"
-                    elif out_of_time():
-                        stop = "time"
+                    stop = _dist.stop_reason(stop_request.requested, out_of_time())  # all ranks agree
                     if stop is not None:
                         break
                 bar.close()
@@ -633,7 +806,10 @@ def _train(cfg, run_dir, ckpt, max_minutes, progress, argv):
 
                 # End of the epoch: evaluate, record, step the schedule, save.
                 t1 = time.monotonic()
-                test_loss, test_acc = evaluate(net, data.x_test, data.y_test, eval_T1, device)
+                if ddp is not None:  # each rank evaluates its slice of the test set
+                    test_loss, test_acc = ddp.evaluate(evaluate, net, data.x_test, data.y_test, eval_T1, device)
+                else:
+                    test_loss, test_acc = evaluate(net, data.x_test, data.y_test, eval_T1, device)
                 p = state["partial"]
                 row = {"epoch": e + 1, "train_loss": p["loss_sum"] / p["count"], "train_acc": p["correct"] / p["count"],
                        "test_loss": test_loss, "test_acc": test_acc, "lr": [g["lr"] for g in opt.param_groups],
@@ -649,14 +825,12 @@ def _train(cfg, run_dir, ckpt, max_minutes, progress, argv):
                 save(safe)
                 write_metrics("running")
                 plot_curves(paths["curves"], state["history"], title)
+                plot_diagnostics(os.path.join(run_dir, "diagnostics.png"), state["history"], title)
                 line = (f"epoch {e + 1}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc "
                         f"{100 * row['train_acc']:.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:.2f}%  "
                         f"lr {row['lr'][0]:.4g}  {row['seconds']:.1f}s")
                 (tqdm.write if progress else print)(line)
-                if stop_request.requested:
-                    stop = "interrupt"
-                elif out_of_time() and state["epoch"] < cfg["epochs"]:
-                    stop = "time"
+                stop = _dist.stop_reason(stop_request.requested, out_of_time() and state["epoch"] < cfg["epochs"])
     except KeyboardInterrupt:
         if bar is not None:
             bar.close()
@@ -697,4 +871,4 @@ def _train(cfg, run_dir, ckpt, max_minutes, progress, argv):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _dist.exit(main())  # sys.exit, or os._exit after a torchrun session (see distributed.exit)

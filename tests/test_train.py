@@ -44,7 +44,7 @@ def assert_same_run(rd_a, rd_b):
 def test_end_to_end_run_folder(tmp_path, capsys):
     rc, rd = run(tmp_path, "a", "--epochs", "2")
     assert rc == 0
-    assert sorted(os.listdir(rd)) == ["checkpoint.pt", "config.json", "curves.png", "metrics.json"]
+    assert sorted(os.listdir(rd)) == ["checkpoint.pt", "config.json", "curves.png", "diagnostics.png", "metrics.json"]
     with open(os.path.join(rd, "config.json")) as f:
         cfg = json.load(f)
     assert cfg["config"]["preset"] == "mlp" and cfg["config"]["epochs"] == 2 and cfg["config"]["T1"] == 5
