@@ -4,9 +4,20 @@ Order of precedence: ``use_backend(name)`` (innermost wins), then the environmen
 ``EP_KERNELS_BACKEND``, then the default for the tensors' device. A backend asked for by
 name is used or an error is raised; only the per-device default may fall back (with a
 warning) when the compiled extension is missing.
+
+- ``cpu``: the compiled C++ kernels, CPU tensors only.
+- ``triton``: ``ep_kernels.triton``, CUDA tensors; CPU tensors only under the Triton
+  interpreter (``TRITON_INTERPRET=1`` set before the kernels are defined: how CI tests them).
+- ``cuda``: the compiled CUDA kernels (``torch.ops.ep_kernels.*`` on CUDA tensors), present
+  when the extension was built with a CUDA toolkit against a CUDA build of torch.
+
+Defaults: ``cpu`` on CPU tensors; ``reference`` on every other device (the GPU backends are
+used when asked for by name until a GPU run of ``bench/gpu_check.sh`` has validated them).
 """
 import contextlib
+import importlib.util
 import os
+import sys
 import threading
 import warnings
 
@@ -33,11 +44,6 @@ def _validate(name):
 def use_backend(name: str):
     """Run the ops inside the block on backend ``name`` (no fallback)."""
     _validate(name)
-    if name in ("triton", "cuda"):
-        raise NotImplementedError(
-            f"backend {name!r} is not implemented yet in this version of ep_kernels "
-            "(only 'reference' and 'cpu')"
-        )
     _stack().append(name)
     try:
         yield
@@ -54,8 +60,6 @@ def requested_backend():
     if env:
         if env not in BACKENDS:
             raise ValueError(f"EP_KERNELS_BACKEND={env!r} is not one of {BACKENDS}")
-        if env in ("triton", "cuda"):
-            raise NotImplementedError(f"EP_KERNELS_BACKEND={env!r}: backend not implemented yet")
         return env
     return None
 
@@ -70,6 +74,10 @@ def backend_for(device) -> str:
             _ext.require_compiled("cpu")
             if dev_type != "cpu":
                 raise RuntimeError(f"backend 'cpu' was asked for but the tensors are on {device}")
+        elif name == "triton":
+            _require_triton(dev_type, device)
+        elif name == "cuda":
+            _require_cuda(dev_type, device)
         return name
     if dev_type == "cpu":
         if _ext.compiled_available():
@@ -83,12 +91,70 @@ def backend_for(device) -> str:
             )
             _warned_fallback = True
         return "reference"
-    # No GPU kernels yet: plain torch ops are the best we have on other devices.
+    # Other devices: plain torch ops unless a GPU backend is asked for by name (see the module docstring).
     return "reference"
 
 
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton kernels run under the interpreter: ``TRITON_INTERPRET=1`` now, and, if
+    ``ep_kernels.triton`` is already imported, its kernels were defined under it too."""
+    if os.environ.get("TRITON_INTERPRET", "0") != "1":
+        return False
+    mod = sys.modules.get("ep_kernels.triton._launch")
+    return mod is None or mod.INTERPRETED
+
+
+def cuda_kernels_available() -> bool:
+    """Whether the compiled extension registered CUDA kernels with the dispatcher."""
+    if not _ext.compiled_available():
+        return False
+    import torch
+
+    return torch._C._dispatch_has_kernel_for_dispatch_key("ep_kernels::state_update", "CUDA")
+
+
+def _require_triton(dev_type, device):
+    if not triton_installed():
+        raise RuntimeError("backend 'triton' was asked for but the triton package is not installed "
+                           "(pip install triton)")
+    if dev_type == "cuda":
+        return
+    if dev_type == "cpu":
+        if not triton_interpreting():
+            raise RuntimeError(
+                "backend 'triton' runs on CUDA tensors; these are CPU tensors, which the Triton kernels take only "
+                "under the Triton interpreter: set TRITON_INTERPRET=1 before ep_kernels.triton is first imported "
+                "(or use backend 'cpu' or 'reference')")
+        return
+    raise RuntimeError(f"backend 'triton' was asked for but the tensors are on {device}")
+
+
+def _require_cuda(dev_type, device):
+    if dev_type != "cuda":
+        raise RuntimeError(f"backend 'cuda' was asked for but the tensors are on {device}")
+    _ext.require_compiled("cuda")
+    if not cuda_kernels_available():
+        raise RuntimeError(
+            "backend 'cuda' was asked for but ep_kernels was built without its CUDA kernels (the build needs a "
+            "CUDA build of torch and a CUDA toolkit with nvcc; setup.py printed why it skipped them). "
+            "Rebuild with `pip install --no-build-isolation --force-reinstall --no-deps .` on such a machine, "
+            "or use backend 'triton' or 'reference'")
+
+
 def available_backends():
+    """Backends that can run here (on some device): reference, cpu (compiled), triton
+    (installed, and a GPU or the interpreter), cuda (CUDA kernels compiled and a GPU)."""
+    import torch
+
     out = ["reference"]
     if _ext.compiled_available():
         out.append("cpu")
+    if triton_installed() and (torch.cuda.is_available() or triton_interpreting()):
+        out.append("triton")
+    if cuda_kernels_available() and torch.cuda.is_available():
+        out.append("cuda")
     return out

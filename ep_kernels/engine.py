@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from . import ops
+from . import cuda_graphs, ops
 
 ACTIVATION_GAIN = {"hardsigmoid": 1.0, "hardsigmoid_half": 0.5}
 NUDGING = ("symmetric", "one-sided", "random-sign")
@@ -178,6 +178,8 @@ def prepare_layers(layers, compute_dtype=None):
 def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=None, prepared=None):
     """T steps at beta = 0 from zero states. Returns (s*, report); s* lives in the plan's
     buffers, so copy it before the next phase of the same batch size if you keep it."""
+    if cuda_graphs.active_for(x):  # CUDA tensors: the same steps, as captured CUDA graphs
+        return cuda_graphs.free_phase(layers, plan, x, T, gain, tol, check_every, first_drive, prepared)
     bufs, spare = plan.buffers(x.shape[0])
     for b in bufs:
         b.zero_()
@@ -188,6 +190,9 @@ def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=N
 def nudged_phase(net, plan, x, y, teacher, s_star, betas, T, gain, tol=None, check_every=10, first_drive=None,
                  prepared=None):
     """T steps from ``s_star`` with per-example nudging strengths ``betas`` (an (N,) tensor)."""
+    if cuda_graphs.active_for(x):  # CUDA tensors: the same steps, as captured CUDA graphs
+        return cuda_graphs.nudged_phase(net, plan, x, y, teacher, s_star, betas, T, gain, tol, check_every,
+                                        first_drive, prepared)
     bufs, spare = plan.buffers(x.shape[0])
     for b, s in zip(bufs, s_star):
         b.copy_(s)

@@ -21,3 +21,12 @@ def dtype(request):
 def no_backend_env(monkeypatch):
     """Run a test without EP_KERNELS_BACKEND from the caller's environment."""
     monkeypatch.delenv("EP_KERNELS_BACKEND", raising=False)
+
+
+# Triton kernels run under the Triton interpreter on machines without a GPU (DESIGN.md
+# section 6); the variable must be set before ep_kernels.triton defines its kernels, which
+# happens on the first use of the 'triton' backend (never at collection).
+import os  # noqa: E402
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -636,12 +636,15 @@ def test_unknown_backend_names(monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["triton", "cuda"])
-def test_unimplemented_backends(name, monkeypatch):
-    with pytest.raises(NotImplementedError, match=name):
-        with use_backend(name):
-            pass
+def test_gpu_backends_refuse_cpu_tensors(name, monkeypatch):
+    """Asked for by name, a GPU backend runs or raises, never falls back: 'cuda' takes CUDA
+    tensors only; 'triton' takes CPU tensors only under the Triton interpreter."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    match = "TRITON_INTERPRET|not installed" if name == "triton" else "'cuda' was asked for but the tensors are on cpu"
+    with use_backend(name), pytest.raises(RuntimeError, match=match):
+        ops.state_update(*_su_args())
     monkeypatch.setenv("EP_KERNELS_BACKEND", name)
-    with pytest.raises(NotImplementedError, match=name):
+    with pytest.raises(RuntimeError, match=match):
         ops.state_update(*_su_args())
 
 

@@ -90,8 +90,18 @@ def compiled_op(name):
     return getattr(torch.ops.ep_kernels, name)
 
 
+def triton_op(name):
+    """The Triton implementation of op ``name`` (imports ``ep_kernels.triton`` on first use,
+    so its kernels are defined only when the triton backend runs)."""
+    from .. import triton as ep_triton
+
+    return ep_triton.OPS[name]
+
+
 def dispatch(device):
-    """'reference' or 'compiled': the compiled ops are registered per device with the
-    dispatcher, so one torch.ops name serves every compiled backend."""
+    """'reference', 'triton', or 'compiled': the compiled ops (backends 'cpu' and 'cuda') are
+    registered per device with the dispatcher, so one torch.ops name serves both."""
     b = backend_for(device)
-    return "reference" if b == "reference" else "compiled"
+    if b in ("reference", "triton"):
+        return b
+    return "compiled"

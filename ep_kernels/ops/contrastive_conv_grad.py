@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ._common import check_conv_params, check_float, check_no_grad, check_tensor, compiled_op, \
-    conv_out_size as _conv_out, dispatch, pair
+    conv_out_size as _conv_out, dispatch, pair, triton_op
 
 
 def _phi_grad_weight(x, s, idx, weight_shape, conv_out_size, stride, padding, dilation, groups, pool):
@@ -66,10 +66,14 @@ def contrastive_conv_grad(x_a, s_a, idx_a, x_b, s_b, idx_b, conv_out_size, strid
         check_tensor(grad_bias, "grad_bias", ndim=1, dtype=dt, device=dev)
         if grad_bias.shape[0] != grad_weight.shape[0]:
             raise ValueError(f"grad_bias has {grad_bias.shape[0]} entries for {grad_weight.shape[0]} output channels")
-    if dispatch(dev) == "reference":
+    mode = dispatch(dev)
+    if mode == "reference":
         return contrastive_conv_grad_ref(x_a, s_a, idx_a, x_b, s_b, idx_b, conv_out_size, stride, padding,
                                          dilation, groups, pool, float(scale), grad_weight, grad_bias)
     check_no_grad("contrastive_conv_grad", (("x_a", x_a), ("s_a", s_a), ("x_b", x_b), ("s_b", s_b),
                                             ("grad_weight", grad_weight), ("grad_bias", grad_bias)))
+    if mode == "triton":
+        return triton_op("contrastive_conv_grad")(x_a, s_a, idx_a, x_b, s_b, idx_b, conv_out_size, stride, padding,
+                                                  dilation, groups, pool, float(scale), grad_weight, grad_bias)
     compiled_op("contrastive_conv_grad")(x_a, s_a, idx_a, x_b, s_b, idx_b, conv_out_size, stride, padding,
                                          dilation, groups, pool, float(scale), grad_weight, grad_bias)

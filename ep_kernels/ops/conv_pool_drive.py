@@ -8,7 +8,8 @@ an empty int64 tensor.
 import torch
 import torch.nn.functional as F
 
-from ._common import check_conv_params, check_float, check_tensor, compiled_op, conv_out_size, dispatch, pair
+from ._common import check_conv_params, check_float, check_no_grad, check_tensor, compiled_op, conv_out_size, \
+    dispatch, pair, triton_op
 
 
 def conv_pool_drive_ref(x, weight, bias, stride, padding, dilation, groups, pool):
@@ -43,6 +44,10 @@ def _check(x, weight, bias, stride, padding, dilation, groups, pool):
 def conv_pool_drive(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, pool=1):
     stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
     _check(x, weight, bias, stride, padding, dilation, groups, pool)
-    if dispatch(x.device) == "reference":
+    mode = dispatch(x.device)
+    if mode == "reference":
         return conv_pool_drive_ref(x, weight, bias, stride, padding, dilation, groups, pool)
+    if mode == "triton":  # no autograd formula on this path
+        check_no_grad("conv_pool_drive", (("x", x), ("weight", weight), ("bias", bias)))
+        return triton_op("conv_pool_drive")(x, weight, bias, stride, padding, dilation, groups, pool)
     return compiled_op("conv_pool_drive")(x, weight, bias, stride, padding, dilation, groups, pool)

@@ -21,8 +21,8 @@ does not depend on the number of threads.
 import torch
 import torch.nn.functional as F
 
-from ._common import check_conv_params, check_float, check_tensor, compiled_op, conv_out_size as _conv_out, \
-    dispatch, pair
+from ._common import check_conv_params, check_float, check_no_grad, check_tensor, compiled_op, \
+    conv_out_size as _conv_out, dispatch, pair, triton_op
 
 
 def pool_conv_transpose_ref(s, indices, weight, input_size, conv_out_size, stride, padding, dilation, groups, pool):
@@ -43,7 +43,8 @@ def pack_top_down_weight(weight):
     device, a dtype other than float32/float64): passing None is always valid."""
     check_tensor(weight, "weight", ndim=4)
     check_float(weight, "weight")
-    if weight.dtype not in (torch.float32, torch.float64) or dispatch(weight.device) == "reference":
+    if (weight.dtype not in (torch.float32, torch.float64) or weight.device.type != "cpu"
+            or dispatch(weight.device) != "compiled"):
         return None
     with torch.no_grad():
         return compiled_op("pack_top_down_weight")(weight)
@@ -78,8 +79,13 @@ def pool_conv_transpose(s, indices, weight, input_size, conv_out_size, stride=1,
         raise ValueError(f"s spatial size {tuple(s.shape[2:])} != conv_out_size {tuple(conv_out_size)}")
     if packed_weight is not None:
         check_tensor(packed_weight, "packed_weight", ndim=1, dtype=s.dtype, device=s.device)
-    if dispatch(s.device) == "reference":
+    mode = dispatch(s.device)
+    if mode == "reference":
         return pool_conv_transpose_ref(s, indices, weight, input_size, conv_out_size, stride, padding, dilation, groups, pool)
+    if mode == "triton":  # no autograd formula on this path
+        check_no_grad("pool_conv_transpose", (("s", s), ("weight", weight)))
+        return triton_op("pool_conv_transpose")(s, indices, weight, input_size, conv_out_size, stride, padding,
+                                                dilation, groups, pool)
     return compiled_op("pool_conv_transpose")(
         s, indices, weight, input_size, conv_out_size, stride, padding, dilation, groups, pool, packed_weight
     )

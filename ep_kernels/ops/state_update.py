@@ -8,7 +8,7 @@ used for convergence tests), or an empty tensor when ``prev`` is None. NaN propa
 """
 import torch
 
-from ._common import check_float, check_no_grad, check_tensor, compiled_op, dispatch, overlaps
+from ._common import check_float, check_no_grad, check_tensor, compiled_op, dispatch, overlaps, triton_op
 
 
 def state_update_ref(drive, top_down, nudge, prev, gain, out):
@@ -34,8 +34,11 @@ def state_update(drive, top_down, nudge, prev, gain, out):
             raise ValueError(f"{name} shape {tuple(t.shape)} != drive shape {tuple(drive.shape)}")
     if prev is not None and overlaps(out, prev):
         raise ValueError("out must not alias prev (the change would be lost)")
-    if dispatch(drive.device) == "reference":
+    mode = dispatch(drive.device)
+    if mode == "reference":
         return state_update_ref(drive, top_down, nudge, prev, float(gain), out)
     check_no_grad("state_update", (("drive", drive), ("top_down", top_down), ("nudge", nudge), ("prev", prev),
                                    ("out", out)))
+    if mode == "triton":
+        return triton_op("state_update")(drive, top_down, nudge, prev, float(gain), out)
     return compiled_op("state_update")(drive, top_down, nudge, prev, float(gain), out)

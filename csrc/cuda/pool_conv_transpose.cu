@@ -1,0 +1,74 @@
+// Top-down through a max-pool and a conv on CUDA: W^T * U(s).
+//
+// U (the max-unpooled state) is written by one gather kernel (each element reads its window's
+// argmax and state once: no zero-fill pass), then cuDNN's transposed convolution (ATen's
+// convolution_backward for the input, as the reference calls it) runs on tensor cores.
+// Why not the CPU kernel's sparse scatter (only the argmax positions, 1/k^2 of the work):
+// every output channel has its own argmax position, so the sparse form is a sum of rank-1
+// updates at per-channel positions, which runs on CUDA cores with atomics or strided gathers;
+// the dense GEMM on tensor cores (TF32: about 7x the FP32 CUDA-core rate of an H100/H200) is
+// faster than 1/k^2 = 1/4 of the work on CUDA cores. packed_weight (the CPU kernel's layout)
+// is ignored. Indices must be those of a k x k max-pool of stride k (each inside its own
+// window); an index outside its window contributes nothing here (not checked on the device).
+#include <torch/library.h>
+
+#include "cuda/common.cuh"
+
+namespace ep_kernels {
+namespace cuda {
+namespace {
+
+constexpr const char* kOp = "pool_conv_transpose";
+
+at::Tensor pool_conv_transpose_cuda(const at::Tensor& s, const at::Tensor& indices, const at::Tensor& weight,
+                                    at::IntArrayRef input_size, at::IntArrayRef conv_out_size, at::IntArrayRef stride,
+                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t pool,
+                                    const c10::optional<at::Tensor>& packed_weight) {
+  check_cuda(s, kOp, "s");
+  check_cuda(weight, kOp, "weight");
+  check_same_device(weight, s, kOp, "weight", "s");
+  check_dim(s, 4, kOp, "s");
+  check_floating(s, kOp, "s");
+  check_same_dtype(weight, s, kOp, "weight", "s");
+  check_conv_params(stride, padding, dilation, groups, pool, kOp);
+  check_dim(weight, 4, kOp, "weight");
+  TORCH_CHECK(s.size(1) == weight.size(0), kOp, ": s has ", s.size(1), " channels but weight has ", weight.size(0),
+              " output channels");
+  check_weight(weight, weight.size(1) * groups, groups, kOp, "the input");
+  TORCH_CHECK(input_size.size() == 2 && input_size[0] >= 1 && input_size[1] >= 1, kOp,
+              ": input_size must be 2 positive ints, got ", input_size);
+  TORCH_CHECK(conv_out_size.size() == 2, kOp, ": conv_out_size must have 2 entries, got ", conv_out_size);
+  const auto hw = conv_out_hw(input_size[0], input_size[1], weight, stride, padding, dilation);
+  TORCH_CHECK(hw[0] == conv_out_size[0] && hw[1] == conv_out_size[1], kOp, ": conv_out_size ", conv_out_size,
+              " does not match the convolution of an input of size ", input_size, " (which gives [", hw[0], ", ",
+              hw[1], "])");
+  if (pool > 1) {
+    check_index_tensor(indices, s, kOp, "indices", "s");
+    TORCH_CHECK(s.size(2) == conv_out_size[0] / pool && s.size(3) == conv_out_size[1] / pool, kOp,
+                ": s has spatial size [", s.size(2), ", ", s.size(3), "] but conv_out_size // pool is [",
+                conv_out_size[0] / pool, ", ", conv_out_size[1] / pool, "]");
+  } else {
+    TORCH_CHECK(s.size(2) == conv_out_size[0] && s.size(3) == conv_out_size[1], kOp, ": s has spatial size [",
+                s.size(2), ", ", s.size(3), "] but conv_out_size is ", conv_out_size);
+  }
+  (void)packed_weight;
+  c10::cuda::CUDAGuard guard(s.device());
+  at::Tensor u = s;
+  if (pool > 1) {
+    auto sc = s.contiguous();
+    auto ic = indices.contiguous();
+    u = at::empty({s.size(0), s.size(1), conv_out_size[0], conv_out_size[1]}, s.options());
+    unpool(sc, ic, at::Tensor(), at::Tensor(), u, pool, 1.f);
+  }
+  std::vector<int64_t> in_shape = {s.size(0), weight.size(1) * groups, input_size[0], input_size[1]};
+  auto out = at::convolution_backward(u, at::empty(in_shape, s.options()), weight, c10::nullopt, stride, padding,
+                                      dilation, false, {0, 0}, groups, {true, false, false});
+  return std::get<0>(out).contiguous();
+}
+
+}  // namespace
+}  // namespace cuda
+
+TORCH_LIBRARY_IMPL(ep_kernels, CUDA, m) { m.impl("pool_conv_transpose", &cuda::pool_conv_transpose_cuda); }
+
+}  // namespace ep_kernels

@@ -1,0 +1,230 @@
+"""The GPU path: the CUDA-graph phases (``ep_kernels.cuda_graphs``) and the 'cuda' backend.
+
+Without a GPU (CI) only the first part runs: the chunked phase runner that the graphs capture,
+run eagerly on CPU (``capture=False``), against the eager engine: same steps, same states,
+same reports, same gradients. The second part needs a GPU (skipped otherwise): the CUDA
+kernels against the references, and captured graphs against the eager path. bench/gpu_check.sh
+runs these on the GPU machine.
+"""
+import pytest
+import torch
+
+import ep_kernels
+import ep_kernels.ops as ops
+from ep_kernels import RelaxationDiverged, _backend, cuda_graphs, engine, use_backend
+from helpers import grads, make_batch, make_net
+from test_ops import CONV_CASES, _conv_setup, _random_window_indices, _state, _assert_close_scaled
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One thread for tiny tensors; no TF32 on a GPU (exact float32/float64 comparisons)."""
+    old = torch.get_num_threads(), torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.set_num_threads(1)
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.set_num_threads(old[0])
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old[1:]
+
+
+def _same_states(a, b):
+    assert len(a) == len(b)
+    for s, r in zip(a, b):
+        assert torch.equal(s, r)
+
+
+# --------------------------------------------------------------------------------------------
+# the chunked runner, eagerly on CPU: the logic the graphs capture
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("T,check_every,tol", [(7, 3, None), (6, 2, None), (1, 10, None), (40, 5, 1e-3), (0, 3, None)])
+@pytest.mark.parametrize("kind", ["conv_pool", "mixed"])
+def test_free_phase_chunks_match_eager(kind, T, check_every, tol):
+    net = make_net(kind, torch.float64, seed=3)
+    x, _ = make_batch(n=3, dtype=torch.float64, seed=4)
+    gain = engine.ACTIVATION_GAIN[net.activation]
+    with torch.no_grad():
+        plan = net._plan(x)
+        s_eager, rep_eager = engine.free_phase(net.layers, plan, x, T, gain, tol, check_every)
+        s_eager = [s.clone() for s in s_eager]
+        plan2 = engine.Plan(net.layers, x.shape, x.dtype, x.device)
+        for _ in range(2):  # the second run reuses the runner
+            s_graph, rep_graph = cuda_graphs.free_phase(net.layers, plan2, x, T, gain, tol, check_every,
+                                                        capture=False)
+            _same_states(s_graph, s_eager)
+            assert rep_graph.as_dict() == rep_eager.as_dict()
+    if tol is not None:
+        assert rep_graph.converged and rep_graph.steps < T and rep_graph.steps % check_every == 0
+
+
+@pytest.mark.parametrize("T,check_every", [(5, 2), (4, 4)])
+def test_nudged_phase_chunks_match_eager(T, check_every):
+    net = make_net("conv_pool", torch.float64, seed=5)
+    x, y = make_batch(n=3, dtype=torch.float64, seed=6)
+    gain = engine.ACTIVATION_GAIN[net.activation]
+    betas = torch.tensor([0.3, -0.3, 0.5], dtype=torch.float64)
+    with torch.no_grad():
+        plan = net._plan(x)
+        s_star, _ = engine.free_phase(net.layers, plan, x, 8, gain)
+        s_star = [s.clone() for s in s_star]
+        s_e, rep_e = engine.nudged_phase(net, plan, x, y, None, s_star, betas, T, gain, None, check_every)
+        s_e = [s.clone() for s in s_e]
+        plan2 = engine.Plan(net.layers, x.shape, x.dtype, x.device)
+        for b in (betas, betas.flip(0)):  # new y/beta values flow through the static inputs
+            s_g, rep_g = cuda_graphs.nudged_phase(net, plan2, x, y, None, s_star, b, T, gain, None, check_every,
+                                                  capture=False)
+            if b is betas:
+                _same_states(s_g, s_e)
+                assert rep_g.as_dict() == rep_e.as_dict()
+        s_e2, _ = engine.nudged_phase(net, plan, x, y, None, s_star, betas.flip(0), T, gain, None, check_every)
+        _same_states(s_g, s_e2)
+
+
+def test_runner_recreated_when_parameters_are_replaced():
+    net = make_net("conv_pool", torch.float64, seed=5)
+    x, y = make_batch(n=2, dtype=torch.float64, seed=6)
+    gain = engine.ACTIVATION_GAIN[net.activation]
+    betas = torch.full((2,), 0.4, dtype=torch.float64)
+    with torch.no_grad():
+        plan = net._plan(x)
+        s_star = [torch.rand((2,) + s, dtype=torch.float64) for s in plan.state_shapes]
+        cuda_graphs.nudged_phase(net, plan, x, y, None, s_star, betas, 3, gain, capture=False)
+        r1 = plan._cuda_graph_runners[("nudged", 2)][1]
+        net.readout.weight.mul_(0.5)  # in place: the same runner (a captured graph stays valid)
+        cuda_graphs.nudged_phase(net, plan, x, y, None, s_star, betas, 3, gain, capture=False)
+        assert plan._cuda_graph_runners[("nudged", 2)][1] is r1
+        net.readout.weight = torch.nn.Parameter(net.readout.weight.clone())  # replaced: a new one
+        cuda_graphs.nudged_phase(net, plan, x, y, None, s_star, betas, 3, gain, capture=False)
+        assert plan._cuda_graph_runners[("nudged", 2)][1] is not r1
+
+
+def test_runner_reports_divergence():
+    net = make_net("conv_pool", torch.float64, seed=5)
+    x, _ = make_batch(n=2, dtype=torch.float64, seed=6)
+    x[0, 0, 0, 0] = float("nan")
+    gain = engine.ACTIVATION_GAIN[net.activation]
+    with torch.no_grad():
+        plan = net._plan(x)
+        with pytest.raises(RelaxationDiverged, match="free phase: state of layer 0 became NaN at step 3"):
+            cuda_graphs.free_phase(net.layers, plan, x, 9, gain, None, 3, capture=False)
+        with pytest.raises(RelaxationDiverged, match="free phase: state of layer 0 became NaN at step 3"):
+            engine.free_phase(net.layers, plan, x, 9, gain, None, 3)
+
+
+@pytest.mark.parametrize("nudging", ["symmetric", "one-sided"])
+def test_ep_backward_through_the_graph_path_matches_eager(nudging, monkeypatch):
+    """The engine's hook, taken on CPU (the runner then runs its chunks eagerly): the same
+    gradients, bitwise, and the same diagnostics."""
+    net = make_net("conv_pool", torch.float64, seed=7)
+    x, y = make_batch(n=3, dtype=torch.float64, seed=8)
+    net.zero_grad(set_to_none=True)
+    r_e = net.ep_backward(x, y, beta=0.3, T1=9, T2=4, nudging=nudging, tol=1e-9)
+    g_e = grads(net)
+    calls = []
+    monkeypatch.setattr(cuda_graphs, "active_for", lambda t: calls.append(1) or True)
+    net.zero_grad(set_to_none=True)
+    r_g = net.ep_backward(x, y, beta=0.3, T1=9, T2=4, nudging=nudging, tol=1e-9)
+    assert len(calls) == 2  # free and nudged phases took the hook
+    g_g = grads(net)
+    for name in g_e:
+        assert torch.equal(g_g[name], g_e[name]), name
+    assert r_g.diagnostics["free"] == r_e.diagnostics["free"]
+    assert r_g.diagnostics["nudged"] == r_e.diagnostics["nudged"]
+
+
+def test_enabling(monkeypatch):
+    monkeypatch.delenv("EP_KERNELS_CUDA_GRAPHS", raising=False)
+    assert not cuda_graphs.enabled()
+    with cuda_graphs.use_cuda_graphs():
+        assert cuda_graphs.enabled()
+        assert not cuda_graphs.active_for(torch.zeros(1))  # CPU tensors never capture
+        with cuda_graphs.use_cuda_graphs(False):
+            assert not cuda_graphs.enabled()
+    monkeypatch.setenv("EP_KERNELS_CUDA_GRAPHS", "1")
+    assert cuda_graphs.enabled()
+
+
+def test_cuda_backend_errors_without_gpu_tensors(no_backend_env):
+    d = torch.rand(2, 3)
+    with use_backend("cuda"), pytest.raises(RuntimeError, match="'cuda' was asked for but the tensors are on cpu"):
+        ops.state_update(d, None, None, None, 1.0, torch.empty_like(d))
+    if not _backend.cuda_kernels_available():
+        assert "cuda" not in ep_kernels.available_backends()
+
+
+# --------------------------------------------------------------------------------------------
+# on a GPU
+# --------------------------------------------------------------------------------------------
+
+def _gpu_backends():
+    out = []
+    if HAS_CUDA and _backend.cuda_kernels_available():
+        out.append("cuda")
+    if HAS_CUDA and _backend.triton_installed():
+        out.append("triton")
+    return out or ["cuda"]
+
+
+@gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("case", CONV_CASES, ids=[f"case{i}" for i in range(len(CONV_CASES))])
+def test_gpu_ops_match_reference(case, backend, gen):
+    if backend == "cuda" and not _backend.cuda_kernels_available():
+        pytest.skip("extension built without CUDA kernels")
+    dtype = torch.float64
+    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(case, dtype, gen)
+    n, cout = x.shape[0], weight.shape[0]
+    x, weight, bias = x.cuda(), weight.cuda(), bias.cuda()
+    with use_backend(backend):
+        d, i = ops.conv_pool_drive(x, weight, bias, pool=pool, **conv)
+    rd, ri = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
+    torch.testing.assert_close(d, rd, rtol=1e-12, atol=1e-12)
+    assert torch.equal(i, ri)
+    s = _state(gen, (n, cout, hc // pool, wc // pool), dtype).cuda()
+    idx = (_random_window_indices(gen, n, cout, hc, wc, pool) if pool > 1 else torch.empty(0, dtype=torch.int64)).cuda()
+    args = (list(x.shape[2:]), [hc, wc])
+    with use_backend(backend):
+        out = ops.pool_conv_transpose(s, idx, weight, *args, pool=pool, **conv)
+    ref = ops.pool_conv_transpose_ref(s, idx, weight, *args, pool=pool, **conv)
+    _assert_close_scaled(out, ref, ops.pool_conv_transpose_ref(s.abs(), idx, weight.abs(), *args, pool=pool, **conv),
+                         1e-12)
+    gw, gw_ref = torch.zeros_like(weight), torch.zeros_like(weight)
+    gb, gb_ref = torch.zeros_like(bias), torch.zeros_like(bias)
+    cargs = (x, s, idx, x.flip(0), s.flip(0), idx.flip(0), [hc, wc], conv["stride"], conv["padding"],
+             conv["dilation"], conv["groups"], pool, -0.37)
+    with use_backend(backend):
+        ops.contrastive_conv_grad(*cargs, gw, gb)
+    ops.contrastive_conv_grad_ref(*cargs, gw_ref, gb_ref)
+    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(gb, gb_ref, rtol=1e-10, atol=1e-10)
+    prev = torch.rand_like(out)
+    o, o_ref = torch.empty_like(out), torch.empty_like(out)
+    with use_backend(backend):
+        ch = ops.state_update(out, out, None, prev, 0.5, o)
+    ch_ref = ops.state_update_ref(out, out, None, prev, 0.5, o_ref)
+    assert torch.equal(o, o_ref) and torch.equal(ch, ch_ref)
+
+
+@gpu
+@pytest.mark.parametrize("backend", ["reference"] + _gpu_backends())
+def test_cuda_graphs_match_eager_on_gpu(backend):
+    if backend == "cuda" and not _backend.cuda_kernels_available():
+        pytest.skip("extension built without CUDA kernels")
+    net = make_net("conv_pool", torch.float64, seed=7).cuda()
+    x, y = make_batch(n=3, dtype=torch.float64, seed=8)
+    x, y = x.cuda(), y.cuda()
+    out = {}
+    for graphs in (False, True, True):  # the second graph run replays the captured graphs
+        with use_backend(backend), cuda_graphs.use_cuda_graphs(graphs):
+            net.zero_grad(set_to_none=True)
+            r = net.ep_backward(x, y, beta=0.3, T1=9, T2=4, keep_states=True)
+            out.setdefault(graphs, []).append((r, grads(net)))
+    (r_e, g_e), = out[False]
+    for r_g, g_g in out[True]:
+        for phase in ("free", "plus", "minus"):
+            _same_states(r_g.states[phase], r_e.states[phase])
+        for name in g_e:
+            torch.testing.assert_close(g_g[name], g_e[name], rtol=1e-12, atol=1e-14, msg=name)
