@@ -80,4 +80,76 @@ inline std::vector<int64_t> conv_out_hw(int64_t h, int64_t w, const at::Tensor& 
   return {ho, wo};
 }
 
+// ---- Shape checks shared by the CPU and the CUDA kernels (each backend checks devices and
+// index tensors itself, then calls these, so both give the same messages).
+
+// s's spatial size against the pooled convolution output.
+inline void check_state_size(const at::Tensor& s, at::IntArrayRef conv_out_size, int64_t pool, const char* op,
+                             const char* name) {
+  if (pool > 1) {
+    TORCH_CHECK(s.size(2) == conv_out_size[0] / pool && s.size(3) == conv_out_size[1] / pool, op, ": ", name,
+                " has spatial size [", s.size(2), ", ", s.size(3), "] but conv_out_size // pool is [",
+                conv_out_size[0] / pool, ", ", conv_out_size[1] / pool, "]");
+  } else {
+    TORCH_CHECK(s.size(2) == conv_out_size[0] && s.size(3) == conv_out_size[1], op, ": ", name,
+                " has spatial size [", s.size(2), ", ", s.size(3), "] but conv_out_size is ", conv_out_size);
+  }
+}
+
+// conv_out_size against the convolution of an input of spatial size (h, w).
+inline void check_conv_out_size(at::IntArrayRef conv_out_size, int64_t h, int64_t w, const at::Tensor& weight,
+                                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                                const char* op, const std::string& what) {
+  TORCH_CHECK(conv_out_size.size() == 2, op, ": conv_out_size must have 2 entries, got ", conv_out_size);
+  const auto hw = conv_out_hw(h, w, weight, stride, padding, dilation);
+  TORCH_CHECK(hw[0] == conv_out_size[0] && hw[1] == conv_out_size[1], op, ": conv_out_size ", conv_out_size,
+              " does not match the convolution of ", what, " (which gives [", hw[0], ", ", hw[1], "])");
+}
+
+// pool_conv_transpose: s (N, C_out, Hp, Wp), weight, sizes and parameters.
+inline void check_pool_conv_transpose_shapes(const at::Tensor& s, const at::Tensor& weight,
+                                             at::IntArrayRef input_size, at::IntArrayRef conv_out_size,
+                                             at::IntArrayRef stride, at::IntArrayRef padding,
+                                             at::IntArrayRef dilation, int64_t groups, int64_t pool,
+                                             const char* op) {
+  check_dim(s, 4, op, "s");
+  check_floating(s, op, "s");
+  check_same_dtype(weight, s, op, "weight", "s");
+  check_conv_params(stride, padding, dilation, groups, pool, op);
+  check_dim(weight, 4, op, "weight");
+  TORCH_CHECK(s.size(1) == weight.size(0), op, ": s has ", s.size(1), " channels but weight has ", weight.size(0),
+              " output channels");
+  check_weight(weight, weight.size(1) * groups, groups, op, "the input");
+  TORCH_CHECK(input_size.size() == 2 && input_size[0] >= 1 && input_size[1] >= 1, op,
+              ": input_size must be 2 positive ints, got ", input_size);
+  check_conv_out_size(conv_out_size, input_size[0], input_size[1], weight, stride, padding, dilation, op,
+                      c10::str("an input of size ", input_size));
+  check_state_size(s, conv_out_size, pool, op, "s");
+}
+
+// contrastive_conv_grad: the two (input, state) pairs against grad_weight, sizes, parameters.
+inline void check_contrastive_shapes(const at::Tensor& x_a, const at::Tensor& s_a, const at::Tensor& x_b,
+                                     const at::Tensor& s_b, const at::Tensor& grad_weight,
+                                     at::IntArrayRef conv_out_size, at::IntArrayRef stride,
+                                     at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                     int64_t pool, const char* op) {
+  check_dim(grad_weight, 4, op, "grad_weight");
+  check_floating(grad_weight, op, "grad_weight");
+  const std::pair<const at::Tensor*, const char*> states[] = {{&x_a, "x_a"}, {&s_a, "s_a"}, {&x_b, "x_b"},
+                                                              {&s_b, "s_b"}};
+  for (const auto& [t, name] : states) {
+    check_dim(*t, 4, op, name);
+    check_same_dtype(*t, grad_weight, op, name, "grad_weight");
+  }
+  TORCH_CHECK(x_a.sizes() == x_b.sizes(), op, ": x_a has shape ", x_a.sizes(), " but x_b has ", x_b.sizes());
+  TORCH_CHECK(s_a.sizes() == s_b.sizes(), op, ": s_a has shape ", s_a.sizes(), " but s_b has ", s_b.sizes());
+  TORCH_CHECK(x_a.size(0) == s_a.size(0), op, ": x_a has batch ", x_a.size(0), " but s_a has ", s_a.size(0));
+  check_conv_params(stride, padding, dilation, groups, pool, op);
+  check_weight(grad_weight, x_a.size(1), groups, op, "x_a");
+  TORCH_CHECK(s_a.size(1) == grad_weight.size(0), op, ": s_a has ", s_a.size(1), " channels but grad_weight has ",
+              grad_weight.size(0), " output channels");
+  check_conv_out_size(conv_out_size, x_a.size(2), x_a.size(3), grad_weight, stride, padding, dilation, op, "x_a");
+  check_state_size(s_a, conv_out_size, pool, op, "s_a");
+}
+
 }  // namespace ep_kernels

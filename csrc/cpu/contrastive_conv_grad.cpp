@@ -23,36 +23,15 @@ void contrastive_conv_grad_cpu(const at::Tensor& x_a, const at::Tensor& s_a, con
                                at::IntArrayRef dilation, int64_t groups, int64_t pool, double scale,
                                at::Tensor& grad_weight, const c10::optional<at::Tensor>& grad_bias) {
   check_cpu(grad_weight, kOp, "grad_weight");
-  check_dim(grad_weight, 4, kOp, "grad_weight");
-  check_floating(grad_weight, kOp, "grad_weight");
-  const std::pair<const at::Tensor*, const char*> states[] = {{&x_a, "x_a"}, {&s_a, "s_a"}, {&x_b, "x_b"},
-                                                              {&s_b, "s_b"}};
-  for (const auto& [t, name] : states) {
+  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&x_a, "x_a"}, {&s_a, "s_a"}, {&x_b, "x_b"},
+                                {&s_b, "s_b"}}) {
     check_cpu(*t, kOp, name);
-    check_dim(*t, 4, kOp, name);
-    check_same_dtype(*t, grad_weight, kOp, name, "grad_weight");
   }
-  TORCH_CHECK(x_a.sizes() == x_b.sizes(), kOp, ": x_a has shape ", x_a.sizes(), " but x_b has ", x_b.sizes());
-  TORCH_CHECK(s_a.sizes() == s_b.sizes(), kOp, ": s_a has shape ", s_a.sizes(), " but s_b has ", s_b.sizes());
-  TORCH_CHECK(x_a.size(0) == s_a.size(0), kOp, ": x_a has batch ", x_a.size(0), " but s_a has ", s_a.size(0));
-  check_conv_params(stride, padding, dilation, groups, pool, kOp);
-  check_weight(grad_weight, x_a.size(1), groups, kOp, "x_a");
-  TORCH_CHECK(s_a.size(1) == grad_weight.size(0), kOp, ": s_a has ", s_a.size(1),
-              " channels but grad_weight has ", grad_weight.size(0), " output channels");
-  TORCH_CHECK(conv_out_size.size() == 2, kOp, ": conv_out_size must have 2 entries, got ", conv_out_size);
-  const auto hw = conv_out_hw(x_a.size(2), x_a.size(3), grad_weight, stride, padding, dilation);
-  TORCH_CHECK(hw[0] == conv_out_size[0] && hw[1] == conv_out_size[1], kOp, ": conv_out_size ", conv_out_size,
-              " does not match the convolution of x_a (which gives [", hw[0], ", ", hw[1], "])");
+  check_contrastive_shapes(x_a, s_a, x_b, s_b, grad_weight, conv_out_size, stride, padding, dilation, groups, pool,
+                           kOp);
   if (pool > 1) {
     check_index_tensor(idx_a, s_a, kOp, "idx_a", "s_a");
     check_index_tensor(idx_b, s_b, kOp, "idx_b", "s_b");
-    TORCH_CHECK(s_a.size(2) == conv_out_size[0] / pool && s_a.size(3) == conv_out_size[1] / pool, kOp,
-                ": s_a has spatial size [", s_a.size(2), ", ", s_a.size(3), "] but conv_out_size // pool is [",
-                conv_out_size[0] / pool, ", ", conv_out_size[1] / pool, "]");
-  } else {
-    TORCH_CHECK(s_a.size(2) == conv_out_size[0] && s_a.size(3) == conv_out_size[1], kOp,
-                ": s_a has spatial size [", s_a.size(2), ", ", s_a.size(3), "] but conv_out_size is ",
-                conv_out_size);
   }
   if (grad_bias.has_value() && grad_bias->defined()) {
     check_cpu(*grad_bias, kOp, "grad_bias");

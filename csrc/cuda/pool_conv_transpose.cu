@@ -27,30 +27,9 @@ at::Tensor pool_conv_transpose_cuda(const at::Tensor& s, const at::Tensor& indic
   check_cuda(s, kOp, "s");
   check_cuda(weight, kOp, "weight");
   check_same_device(weight, s, kOp, "weight", "s");
-  check_dim(s, 4, kOp, "s");
-  check_floating(s, kOp, "s");
-  check_same_dtype(weight, s, kOp, "weight", "s");
-  check_conv_params(stride, padding, dilation, groups, pool, kOp);
-  check_dim(weight, 4, kOp, "weight");
-  TORCH_CHECK(s.size(1) == weight.size(0), kOp, ": s has ", s.size(1), " channels but weight has ", weight.size(0),
-              " output channels");
-  check_weight(weight, weight.size(1) * groups, groups, kOp, "the input");
-  TORCH_CHECK(input_size.size() == 2 && input_size[0] >= 1 && input_size[1] >= 1, kOp,
-              ": input_size must be 2 positive ints, got ", input_size);
-  TORCH_CHECK(conv_out_size.size() == 2, kOp, ": conv_out_size must have 2 entries, got ", conv_out_size);
-  const auto hw = conv_out_hw(input_size[0], input_size[1], weight, stride, padding, dilation);
-  TORCH_CHECK(hw[0] == conv_out_size[0] && hw[1] == conv_out_size[1], kOp, ": conv_out_size ", conv_out_size,
-              " does not match the convolution of an input of size ", input_size, " (which gives [", hw[0], ", ",
-              hw[1], "])");
-  if (pool > 1) {
-    check_index_tensor(indices, s, kOp, "indices", "s");
-    TORCH_CHECK(s.size(2) == conv_out_size[0] / pool && s.size(3) == conv_out_size[1] / pool, kOp,
-                ": s has spatial size [", s.size(2), ", ", s.size(3), "] but conv_out_size // pool is [",
-                conv_out_size[0] / pool, ", ", conv_out_size[1] / pool, "]");
-  } else {
-    TORCH_CHECK(s.size(2) == conv_out_size[0] && s.size(3) == conv_out_size[1], kOp, ": s has spatial size [",
-                s.size(2), ", ", s.size(3), "] but conv_out_size is ", conv_out_size);
-  }
+  check_pool_conv_transpose_shapes(s, weight, input_size, conv_out_size, stride, padding, dilation, groups, pool,
+                                   kOp);
+  if (pool > 1) check_index_tensor(indices, s, kOp, "indices", "s");
   (void)packed_weight;
   c10::cuda::CUDAGuard guard(s.device());
   at::Tensor u = s;
