@@ -159,21 +159,24 @@ def test_cuda_backend_errors_without_gpu_tensors(no_backend_env):
 # on a GPU
 # --------------------------------------------------------------------------------------------
 
-def _gpu_backends():
-    out = []
-    if HAS_CUDA and _backend.cuda_kernels_available():
-        out.append("cuda")
-    if HAS_CUDA and _backend.triton_installed():
-        out.append("triton")
-    return out or ["cuda"]
+# On a GPU machine both GPU backends must be there: a missing one is a failure, not a skip.
+GPU_BACKENDS = ["cuda", "triton"]
+
+
+def _require(backend):
+    if backend == "cuda":
+        assert _backend.cuda_kernels_available(), (
+            "a GPU is present but the extension was built without CUDA kernels: rebuild with nvcc on PATH "
+            "(bench/gpu_check.sh does)")
+    elif backend == "triton":
+        assert _backend.triton_installed(), "a GPU is present but triton is not installed"
 
 
 @gpu
-@pytest.mark.parametrize("backend", _gpu_backends())
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("case", CONV_CASES, ids=[f"case{i}" for i in range(len(CONV_CASES))])
 def test_gpu_ops_match_reference(case, backend, gen):
-    if backend == "cuda" and not _backend.cuda_kernels_available():
-        pytest.skip("extension built without CUDA kernels")
+    _require(backend)
     dtype = torch.float64
     x, weight, bias, conv, pool, (hc, wc) = _conv_setup(case, dtype, gen)
     n, cout = x.shape[0], weight.shape[0]
@@ -209,10 +212,9 @@ def test_gpu_ops_match_reference(case, backend, gen):
 
 
 @gpu
-@pytest.mark.parametrize("backend", ["reference"] + _gpu_backends())
+@pytest.mark.parametrize("backend", ["reference"] + GPU_BACKENDS)
 def test_cuda_graphs_match_eager_on_gpu(backend):
-    if backend == "cuda" and not _backend.cuda_kernels_available():
-        pytest.skip("extension built without CUDA kernels")
+    _require(backend)
     net = make_net("conv_pool", torch.float64, seed=7).cuda()
     x, y = make_batch(n=3, dtype=torch.float64, seed=8)
     x, y = x.cuda(), y.cuda()
