@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 #include <c10/util/Exception.h>
 
 #include <string>
@@ -150,6 +151,28 @@ inline void check_contrastive_shapes(const at::Tensor& x_a, const at::Tensor& s_
               grad_weight.size(0), " output channels");
   check_conv_out_size(conv_out_size, x_a.size(2), x_a.size(3), grad_weight, stride, padding, dilation, op, "x_a");
   check_state_size(s_a, conv_out_size, pool, op, "s_a");
+}
+
+// state_update: dtypes, shapes and the out/prev overlap (devices are checked per backend).
+inline void check_state_update_shapes(const at::Tensor& drive, const c10::optional<at::Tensor>& top_down,
+                                      const c10::optional<at::Tensor>& nudge, const c10::optional<at::Tensor>& prev,
+                                      const at::Tensor& out) {
+  constexpr const char* op = "state_update";
+  check_floating(drive, op, "drive");
+  auto operand = [&](const at::Tensor& t, const char* name) {
+    check_same_dtype(t, drive, op, name, "drive");
+    TORCH_CHECK(t.sizes() == drive.sizes(), op, ": ", name, " has shape ", t.sizes(), " but drive has ",
+                drive.sizes());
+  };
+  operand(out, "out");
+  if (top_down.has_value() && top_down->defined()) operand(*top_down, "top_down");
+  if (nudge.has_value() && nudge->defined()) operand(*nudge, "nudge");
+  if (prev.has_value() && prev->defined()) {
+    operand(*prev, "prev");
+    const auto ov = at::get_overlap_status(out, *prev);
+    TORCH_CHECK(ov != at::MemOverlapStatus::Full && ov != at::MemOverlapStatus::Partial, op,
+                ": out must not alias (overlap) prev");
+  }
 }
 
 }  // namespace ep_kernels

@@ -44,28 +44,10 @@ void contrastive_conv_grad_cpu(const at::Tensor& x_a, const at::Tensor& s_a, con
   const bool has_bias = grad_bias.has_value() && grad_bias->defined();
   const auto st = grad_weight.scalar_type();
   if (pool > 1 && (st == at::kFloat || st == at::kDouble)) {
-    sparse_td::Geometry g{};
-    g.n = x_a.size(0);
-    g.c_out = s_a.size(1);
-    g.groups = groups;
-    g.cog = g.c_out / groups;
-    g.cig = grad_weight.size(1);
-    g.c_in = x_a.size(1);
-    g.h = x_a.size(2);
-    g.w = x_a.size(3);
-    g.hc = conv_out_size[0];
-    g.wc = conv_out_size[1];
-    g.hp = s_a.size(2);
-    g.wp = s_a.size(3);
-    g.kh = grad_weight.size(2);
-    g.kw = grad_weight.size(3);
-    g.sy = stride[0];
-    g.sx = stride[1];
-    g.py = padding[0];
-    g.px = padding[1];
-    g.dy = dilation[0];
-    g.dx = dilation[1];
-    g.k = pool;
+    // c_in = cig * groups equals x_a.size(1): check_contrastive_shapes checked it.
+    sparse_td::Geometry g = sparse_td::make_geometry(
+        x_a.size(0), s_a.size(1), groups, grad_weight.size(1), x_a.size(2), x_a.size(3), conv_out_size, s_a.size(2),
+        s_a.size(3), grad_weight.size(2), grad_weight.size(3), stride, padding, dilation, pool);
     bool ok = true;
     AT_DISPATCH_FLOATING_TYPES(st, "contrastive_conv_grad_sparse", [&] {
       ok = sparse_wg::accumulate<scalar_t>(g, x_a, s_a, idx_a, x_b, s_b, idx_b, scale, grad_weight);

@@ -55,6 +55,37 @@ struct Geometry {
   int64_t nq;      // chunks per group
 };
 
+// The shape fields of a Geometry (the blocking fields are set by the kernels). One builder for
+// the top-down and the contrastive update, which see the same convolution from two sides.
+inline Geometry make_geometry(int64_t n, int64_t c_out, int64_t groups, int64_t cig, int64_t h, int64_t w,
+                              at::IntArrayRef conv_out_size, int64_t hp, int64_t wp, int64_t kh, int64_t kw,
+                              at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
+                              int64_t pool) {
+  Geometry g{};
+  g.n = n;
+  g.c_out = c_out;
+  g.groups = groups;
+  g.cog = c_out / groups;
+  g.cig = cig;
+  g.c_in = cig * groups;
+  g.h = h;
+  g.w = w;
+  g.hc = conv_out_size[0];
+  g.wc = conv_out_size[1];
+  g.hp = hp;
+  g.wp = wp;
+  g.kh = kh;
+  g.kw = kw;
+  g.sy = stride[0];
+  g.sx = stride[1];
+  g.py = padding[0];
+  g.px = padding[1];
+  g.dy = dilation[0];
+  g.dx = dilation[1];
+  g.k = pool;
+  return g;
+}
+
 // Kernel taps, split into groups of at most 9 whose accumulators fit in registers.
 // tap t = ky * kw + kx reaches input pixel (oy * sy + ty[t], ox * sx + tx[t]).
 struct Taps {
@@ -429,28 +460,9 @@ inline at::Tensor pool_conv_transpose(const at::Tensor& s_in, const at::Tensor& 
   auto s = s_in.contiguous();
   auto idx = idx_in.contiguous();
   const at::Tensor& weight = w_in;  // only its sizes are read when packed is given
-  Geometry g{};
-  g.n = s.size(0);
-  g.c_out = s.size(1);
-  g.groups = groups;
-  g.cog = g.c_out / groups;
-  g.cig = weight.size(1);
-  g.c_in = g.cig * groups;
-  g.h = input_size[0];
-  g.w = input_size[1];
-  g.hc = conv_out_size[0];
-  g.wc = conv_out_size[1];
-  g.hp = s.size(2);
-  g.wp = s.size(3);
-  g.kh = weight.size(2);
-  g.kw = weight.size(3);
-  g.sy = stride[0];
-  g.sx = stride[1];
-  g.py = padding[0];
-  g.px = padding[1];
-  g.dy = dilation[0];
-  g.dx = dilation[1];
-  g.k = pool;
+  Geometry g = make_geometry(s.size(0), s.size(1), groups, weight.size(1), input_size[0], input_size[1],
+                             conv_out_size, s.size(2), s.size(3), weight.size(2), weight.size(3), stride, padding,
+                             dilation, pool);
   int64_t bad = -1;
   at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "sparse_pool_conv_transpose", [&] {

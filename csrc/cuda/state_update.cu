@@ -75,31 +75,22 @@ __global__ void state_update_kernel(const scalar_t* __restrict__ drive, const sc
   }
 }
 
-void check_operand(const at::Tensor& t, const at::Tensor& drive, const char* name) {
-  check_cuda(t, "state_update", name);
-  check_same_device(t, drive, "state_update", name, "drive");
-  check_same_dtype(t, drive, "state_update", name, "drive");
-  TORCH_CHECK(t.sizes() == drive.sizes(), "state_update: ", name, " has shape ", t.sizes(), " but drive has ",
-              drive.sizes());
-}
-
 at::Tensor state_update_cuda(const at::Tensor& drive, const c10::optional<at::Tensor>& top_down,
                              const c10::optional<at::Tensor>& nudge, const c10::optional<at::Tensor>& prev,
                              double gain, at::Tensor& out) {
-  check_cuda(drive, "state_update", "drive");
-  check_floating(drive, "state_update", "drive");
-  check_operand(out, drive, "out");
   const bool has_td = top_down.has_value() && top_down->defined();
   const bool has_nudge = nudge.has_value() && nudge->defined();
   const bool has_prev = prev.has_value() && prev->defined();
-  if (has_td) check_operand(*top_down, drive, "top_down");
-  if (has_nudge) check_operand(*nudge, drive, "nudge");
-  if (has_prev) {
-    check_operand(*prev, drive, "prev");
-    const auto ov = at::get_overlap_status(out, *prev);
-    TORCH_CHECK(ov != at::MemOverlapStatus::Full && ov != at::MemOverlapStatus::Partial,
-                "state_update: out must not alias (overlap) prev");
-  }
+  auto on_device = [&](const at::Tensor& t, const char* name) {
+    check_cuda(t, "state_update", name);
+    check_same_device(t, drive, "state_update", name, "drive");
+  };
+  on_device(drive, "drive");
+  on_device(out, "out");
+  if (has_td) on_device(*top_down, "top_down");
+  if (has_nudge) on_device(*nudge, "nudge");
+  if (has_prev) on_device(*prev, "prev");
+  check_state_update_shapes(drive, top_down, nudge, prev, out);
   c10::cuda::CUDAGuard guard(drive.device());
   auto d = drive.contiguous();
   auto t = has_td ? top_down->contiguous() : at::Tensor();
