@@ -213,7 +213,7 @@ class _PhaseRunner:
         return resid.tolist()
 
     def run(self, steps, tol, check_every, phase):
-        from .engine import PhaseReport, RelaxationDiverged
+        from .engine import PhaseReport, check_residuals
 
         L = len(self.layers)
         if steps <= 0:
@@ -224,12 +224,7 @@ class _PhaseRunner:
             c = min(check_every - done % check_every, steps - done)
             res = self.chunk(c)
             done += c
-            for l, r in enumerate(res):
-                if r != r:
-                    raise RelaxationDiverged(
-                        f"{phase} phase: state of layer {l} became NaN at step {done}; check the input, "
-                        "the weights and beta (a learning rate too large often causes this)")
-            if tol is not None and max(res) < tol:
+            if check_residuals(res, phase, done, tol):
                 converged = True
                 break
         return self.bufs, PhaseReport(steps=done, residual=res, converged=converged)

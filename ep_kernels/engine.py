@@ -142,6 +142,7 @@ def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, to
         spare = [torch.empty_like(s) for s in states]
     shapes = [tuple(x.shape[1:])] + [tuple(s.shape[1:]) for s in states[:-1]]
     changes = [None] * L
+    res = [0.0] * L
     converged = False
     t = 0
     for t in range(1, steps + 1):
@@ -154,18 +155,23 @@ def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, to
             changes[l] = ops.state_update(drives[l][0], top, nudge[l], states[l], gain,
                                           spare[l])
         states, spare = spare, states
-        if t % check_every == 0 or t == steps:
+        if t % check_every == 0 or t == steps:  # the last step is always checked, so res is final
             res = torch.stack(changes).tolist()
-            for l, r in enumerate(res):
-                if math.isnan(r):
-                    raise RelaxationDiverged(
-                        f"{phase} phase: state of layer {l} became NaN at step {t}; check the input, "
-                        "the weights and beta (a learning rate too large often causes this)")
-            if tol is not None and max(res) < tol:
+            if check_residuals(res, phase, t, tol):
                 converged = True
                 break
-    res = torch.stack(changes).tolist() if steps > 0 else [0.0] * L
     return states, PhaseReport(steps=t if steps > 0 else 0, residual=res, converged=converged)
+
+
+def check_residuals(res, phase, step, tol):
+    """Raise on a NaN layer change; return whether every layer's change is below ``tol``.
+    Shared by the eager loop and the CUDA-graph runner, so both stop and fail alike."""
+    for l, r in enumerate(res):
+        if math.isnan(r):
+            raise RelaxationDiverged(
+                f"{phase} phase: state of layer {l} became NaN at step {step}; check the input, "
+                "the weights and beta (a learning rate too large often causes this)")
+    return tol is not None and max(res) < tol
 
 
 def prepare_layers(layers, compute_dtype=None):
