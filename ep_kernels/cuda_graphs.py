@@ -20,8 +20,9 @@ convergence checks are captured once as a CUDA graph and replayed:
 
 So the graph path takes the same steps, in the same order, with the same kernels as the eager
 path, and gives the same states (bitwise: a replay runs the captured kernels on the same
-addresses). ``step`` below is the eager loop's body; on CPU the chunk logic runs without
-capture (``capture=False``), which is how the tests check it against ``engine.relax``.
+addresses). A step is the eager loop's own (``engine.STEPS``, either schedule); on CPU the
+chunk logic runs without capture (``capture=False``), which is how the tests check it against
+``engine.relax``.
 
 Use: ``with ep_kernels.cuda_graphs.use_cuda_graphs(): net.ep_backward(x, y)`` (or
 ``EP_KERNELS_CUDA_GRAPHS=1``) with the network and data on a GPU; pair it with a GPU backend
@@ -72,21 +73,6 @@ def _capture_default(x):
 
 def active_for(x) -> bool:
     return x.is_cuda and enabled()
-
-
-def step(layers, first_drive, states, out, shapes, prepared, nudge_fn, gain):
-    """One synchronous update from ``states`` into ``out`` (the body of ``engine.relax``, the
-    same op calls in the same order); returns each layer's max |change| (0-dim tensors)."""
-    L = len(layers)
-    drives = [first_drive] + [layers[l].drive(states[l - 1], prepared[l]) for l in range(1, L)]
-    nudge = nudge_fn(states) if nudge_fn is not None else [None] * L
-    changes = []
-    for l in range(L):
-        top = None
-        if l + 1 < L:
-            top = layers[l + 1].top_down(states[l + 1], drives[l + 1][1], shapes[l + 1], prepared[l + 1])
-        changes.append(ops.state_update(drives[l][0], top, nudge[l], states[l], gain, out[l]))
-    return changes
 
 
 def _static_like(t):
@@ -153,8 +139,11 @@ class _PhaseRunner:
     """The captured chunks of one kind of phase (free or nudged) for one batch of a Plan."""
 
     def __init__(self, layers, plan, batch, gain, shapes, prepared, first_drive, make_nudge=None, nudge_inputs=None,
-                 capture=True):
+                 capture=True, schedule="synchronous"):
+        from .engine import STEPS
+
         self.layers, self.gain, self.shapes = layers, gain, shapes
+        self.step = STEPS[schedule]
         self.prepared = _static_prepared(prepared)
         self.bufs, self.spare = plan.buffers(batch)
         self.fd = (torch.empty_like(first_drive[0]), _static_like(first_drive[1]))
@@ -176,8 +165,10 @@ class _PhaseRunner:
         """``c`` steps from ``bufs``, the result back in ``bufs``; the last step's changes."""
         cur, nxt = self.bufs, self.spare
         changes = None
+        cache = {}  # per chunk: the alternating schedule recomputes its carried drives once per chunk
         for _ in range(c):
-            changes = step(self.layers, self.fd, cur, nxt, self.shapes, self.prepared, self.nudge_fn, self.gain)
+            changes = self.step(self.layers, self.fd, cur, nxt, self.shapes, self.prepared, self.nudge_fn, self.gain,
+                                cache)
             cur, nxt = nxt, cur
         if cur is not self.bufs:
             for a, b in zip(self.bufs, cur):
@@ -192,7 +183,8 @@ class _PhaseRunner:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                step(self.layers, self.fd, self.bufs, self.spare, self.shapes, self.prepared, self.nudge_fn, self.gain)
+                self.step(self.layers, self.fd, self.bufs, self.spare, self.shapes, self.prepared, self.nudge_fn,
+                          self.gain)
         torch.cuda.current_stream().wait_stream(side)
         if self.pool is None:
             self.pool = torch.cuda.graph_pool_handle()
@@ -245,7 +237,8 @@ def _backend_key(x):
     return backend_for(x.device)
 
 
-def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=None, prepared=None, capture=None):
+def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=None, prepared=None, capture=None,
+               schedule="synchronous"):
     """``engine.free_phase`` with captured chunks (``capture=False``: the same chunks, run
     eagerly, e.g. on CPU)."""
     from .engine import prepare_layers
@@ -257,9 +250,10 @@ def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=N
         first_drive = layers[0].drive(x, prepared[0])
     n = x.shape[0]
     shapes = [tuple(x.shape[1:])] + [tuple(s) for s in plan.state_shapes[:-1]]
-    key = (n, float(gain), _backend_key(x), capture, _prepared_key(prepared), _tree_key(first_drive))
+    key = (n, float(gain), _backend_key(x), capture, schedule, _prepared_key(prepared), _tree_key(first_drive))
     runner = _runner(plan, ("free", n), key,
-                     lambda: _PhaseRunner(layers, plan, n, gain, shapes, prepared, first_drive, capture=capture))
+                     lambda: _PhaseRunner(layers, plan, n, gain, shapes, prepared, first_drive, capture=capture,
+                                          schedule=schedule))
     runner.load(prepared, first_drive)
     for b in runner.bufs:
         b.zero_()
@@ -267,7 +261,7 @@ def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=N
 
 
 def nudged_phase(net, plan, x, y, teacher, s_star, betas, T, gain, tol=None, check_every=10, first_drive=None,
-                 prepared=None, capture=None):
+                 prepared=None, capture=None, schedule="synchronous"):
     """``engine.nudged_phase`` with captured chunks."""
     from .engine import make_nudge_fn, prepare_layers
 
@@ -280,7 +274,7 @@ def nudged_phase(net, plan, x, y, teacher, s_star, betas, T, gain, tol=None, che
     n = x.shape[0]
     shapes = [tuple(x.shape[1:])] + [tuple(s) for s in plan.state_shapes[:-1]]
     inputs = {"y": y, "betas": betas, "teacher": teacher}
-    key = (n, float(gain), _backend_key(x), capture, net.mode, _param_key([net.readout] + list(net.signals)),
+    key = (n, float(gain), _backend_key(x), capture, schedule, net.mode, _param_key([net.readout] + list(net.signals)),
            _prepared_key(prepared), _tree_key(first_drive), _tree_key(inputs), tuple(id(s) for s in net.signals))
 
     def make_nudge(static):
@@ -288,7 +282,7 @@ def nudged_phase(net, plan, x, y, teacher, s_star, betas, T, gain, tol=None, che
 
     runner = _runner(plan, ("nudged", n), key,
                      lambda: _PhaseRunner(layers, plan, n, gain, shapes, prepared, first_drive, make_nudge, inputs,
-                                          capture=capture))
+                                          capture=capture, schedule=schedule))
     runner.load(prepared, first_drive, inputs)
     for b, s in zip(runner.bufs, s_star):
         b.copy_(s)

@@ -1,8 +1,9 @@
 """The EP algorithm, in one place: relaxation phases, the EP gradient, and BPTT.
 
 Notation as in DESIGN.md section 2. ``layers[l]`` is the synapse from ``s_l`` (``s_0 = x``)
-to ``s_{l+1}``; ``states[l]`` is ``s_{l+1}``. A step is synchronous: every layer's drive,
-top-down and nudge are computed from the same old states, then all states are written.
+to ``s_{l+1}``; ``states[l]`` is ``s_{l+1}``. A step updates every state once, on one of two schedules:
+synchronous (every layer's drive, top-down and nudge from the same old states) or alternating
+(``s_1, s_3, ...`` first, then ``s_2, s_4, ...`` from the new ones), see ``STEPS``.
 
 Everything here except :func:`bptt` runs under ``torch.no_grad`` and through
 ``ep_kernels.ops``, so the backend (reference or compiled) is chosen by ``_backend``.
@@ -122,10 +123,80 @@ def make_nudge_fn(net, y, teacher, beta):
     return nudges
 
 
-def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, tol=None, check_every=10,
-          spare=None, phase="free", prepared=None):
-    """Run ``steps`` synchronous updates from ``states``; returns (states, PhaseReport).
+def synchronous_step(layers, first_drive, states, out, shapes, prepared, nudge_fn, gain, cache=None):
+    """One synchronous update from ``states`` into ``out``: every layer's drive, top-down and
+    nudge come from the same old states. Returns each layer's max |change| (0-dim tensors).
+    ``cache`` is unused (the alternating step's signature)."""
+    L = len(layers)
+    drives = [first_drive] + [layers[l].drive(states[l - 1], prepared[l]) for l in range(1, L)]
+    nudge = nudge_fn(states) if nudge_fn is not None else [None] * L
+    changes = []
+    for l in range(L):
+        top = None
+        if l + 1 < L:
+            top = layers[l + 1].top_down(states[l + 1], drives[l + 1][1], shapes[l + 1], prepared[l + 1])
+        changes.append(ops.state_update(drives[l][0], top, nudge[l], states[l], gain, out[l]))
+    return changes
 
+
+def alternating_step(layers, first_drive, states, out, shapes, prepared, nudge_fn, gain, cache=None):
+    """One alternating update from ``states`` into ``out``: first ``s_1, s_3, ...`` (indices
+    0, 2, ...) from the old states, then ``s_2, s_4, ...`` from the new odd ones.
+
+    Why: the layers of one parity don't interact, so each half-step maximises Phi exactly over
+    those layers (``clamp(gain * dPhi/ds)`` is the maximiser over the box; with max-pooling it
+    maximises a minorant), and Phi never decreases. Synchronous updates of strongly coupled
+    layers can instead fall into a period-2 oscillation and never converge (measured on deep
+    presets). The fixed points are the same, and so is the EP gradient at one; with max-pooling
+    there may be several, and the two schedules may settle in different ones.
+
+    Same cost as a synchronous step: each layer's drive is computed once. The drives of the
+    second half's layers (from the first half's states) are still valid at the next step's
+    first half, where their pooling argmax is needed for the top-down; ``cache`` (a dict)
+    carries them across steps. Without it (or on the first step) they are computed here.
+    """
+    L = len(layers)
+    nudge = nudge_fn(states) if nudge_fn is not None else [None] * L
+    # Each layer's nudge depends on its own state only (DESIGN.md section 4), and a layer of
+    # the second half has not moved during the first: one evaluation serves both halves.
+    cached = cache.get("second_half", {}) if cache is not None else {}
+    drives = [None] * L
+    for l in range(1, L, 2):
+        # The second half's drives from the first half's old states: needed now only for the
+        # pooling argmax of their top-down signal.
+        if l in cached:
+            drives[l] = cached[l]
+        elif getattr(layers[l], "pool", 1) > 1:
+            drives[l] = layers[l].drive(states[l - 1], prepared[l])
+        else:
+            drives[l] = (None, None)
+    changes = [None] * L
+    cur = list(states)
+    for half in (0, 1):
+        for l in range(half, L, 2):
+            drives[l] = first_drive if l == 0 else layers[l].drive(cur[l - 1], prepared[l])
+        for l in range(half, L, 2):
+            top = None
+            if l + 1 < L:
+                top = layers[l + 1].top_down(cur[l + 1], drives[l + 1][1], shapes[l + 1], prepared[l + 1])
+            changes[l] = ops.state_update(drives[l][0], top, nudge[l], cur[l], gain, out[l])
+        for l in range(half, L, 2):
+            cur[l] = out[l]
+    if cache is not None:
+        cache["second_half"] = {l: drives[l] for l in range(1, L, 2)}
+    return changes
+
+
+STEPS = {"synchronous": synchronous_step, "alternating": alternating_step}
+SCHEDULES = tuple(STEPS)
+
+
+def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, tol=None, check_every=10,
+          spare=None, phase="free", prepared=None, schedule="synchronous"):
+    """Run ``steps`` updates from ``states``; returns (states, PhaseReport).
+
+    ``schedule``: ``"synchronous"`` (every layer from the same old states) or
+    ``"alternating"`` (odd-numbered states, then even-numbered ones; see ``alternating_step``).
     ``states`` and ``spare`` are lists of same-shaped buffers; the result is in one of them.
     ``first_drive`` (the constant drive of layer 0 for the clamped ``x``) is computed once
     here when not given. ``nudge_fn(states)`` gives a per-layer list of nudges (or None).
@@ -134,6 +205,7 @@ def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, to
     ``check_every`` steps: a host sync each time).
     """
     L = len(layers)
+    step = STEPS[schedule]
     if prepared is None:
         prepared = prepare_layers(layers)
     if first_drive is None:
@@ -141,19 +213,12 @@ def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, to
     if spare is None:
         spare = [torch.empty_like(s) for s in states]
     shapes = [tuple(x.shape[1:])] + [tuple(s.shape[1:]) for s in states[:-1]]
-    changes = [None] * L
     res = [0.0] * L
     converged = False
+    cache = {}
     t = 0
     for t in range(1, steps + 1):
-        drives = [first_drive] + [layers[l].drive(states[l - 1], prepared[l]) for l in range(1, L)]
-        nudge = nudge_fn(states) if nudge_fn is not None else [None] * L
-        for l in range(L):
-            top = None
-            if l + 1 < L:
-                top = layers[l + 1].top_down(states[l + 1], drives[l + 1][1], shapes[l + 1], prepared[l + 1])
-            changes[l] = ops.state_update(drives[l][0], top, nudge[l], states[l], gain,
-                                          spare[l])
+        changes = step(layers, first_drive, states, spare, shapes, prepared, nudge_fn, gain, cache)
         states, spare = spare, states
         if t % check_every == 0 or t == steps:  # the last step is always checked, so res is final
             res = torch.stack(changes).tolist()
@@ -181,29 +246,32 @@ def prepare_layers(layers, compute_dtype=None):
     return [layer.prepare(compute_dtype) for layer in layers]
 
 
-def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=None, prepared=None):
+def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=None, prepared=None,
+               schedule="synchronous"):
     """T steps at beta = 0 from zero states. Returns (s*, report); s* lives in the plan's
     buffers, so copy it before the next phase of the same batch size if you keep it."""
     if cuda_graphs.active_for(x):  # CUDA tensors: the same steps, as captured CUDA graphs
-        return cuda_graphs.free_phase(layers, plan, x, T, gain, tol, check_every, first_drive, prepared)
+        return cuda_graphs.free_phase(layers, plan, x, T, gain, tol, check_every, first_drive, prepared,
+                                      schedule=schedule)
     bufs, spare = plan.buffers(x.shape[0])
     for b in bufs:
         b.zero_()
     return relax(layers, x, bufs, T, gain, first_drive=first_drive, tol=tol, check_every=check_every,
-                 spare=spare, phase="free", prepared=prepared)
+                 spare=spare, phase="free", prepared=prepared, schedule=schedule)
 
 
 def nudged_phase(net, plan, x, y, teacher, s_star, betas, T, gain, tol=None, check_every=10, first_drive=None,
-                 prepared=None):
+                 prepared=None, schedule="synchronous"):
     """T steps from ``s_star`` with per-example nudging strengths ``betas`` (an (N,) tensor)."""
     if cuda_graphs.active_for(x):  # CUDA tensors: the same steps, as captured CUDA graphs
         return cuda_graphs.nudged_phase(net, plan, x, y, teacher, s_star, betas, T, gain, tol, check_every,
-                                        first_drive, prepared)
+                                        first_drive, prepared, schedule=schedule)
     bufs, spare = plan.buffers(x.shape[0])
     for b, s in zip(bufs, s_star):
         b.copy_(s)
     return relax(net.layers, x, bufs, T, gain, first_drive=first_drive, tol=tol, check_every=check_every,
-                 spare=spare, phase="nudged", nudge_fn=make_nudge_fn(net, y, teacher, betas), prepared=prepared)
+                 spare=spare, phase="nudged", nudge_fn=make_nudge_fn(net, y, teacher, betas), prepared=prepared,
+                 schedule=schedule)
 
 
 def cost(mode, readout, s_last, y):
@@ -279,7 +347,7 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep
         prepared = prepare_layers(layers, net.compute_dtype)
         first = layers[0].drive(x, prepared[0])
         s_free, free_rep = free_phase(layers, plan, x, T1, gain, tol, check_every, first_drive=first,
-                                      prepared=prepared)
+                                      prepared=prepared, schedule=net.schedule)
         s_star = [s.clone() for s in s_free]
         if nudging == "symmetric":
             # +beta and -beta are independent: one phase on a batch of 2N.
@@ -290,7 +358,8 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep
                                torch.full((n,), -beta, dtype=x.dtype, device=x.device)])
             s2 = [torch.cat([s, s]) for s in s_star]
             s_nud, nud_rep = nudged_phase(net, plan, x2, torch.cat([y, y]), _double_teacher(teacher), s2, betas, T2,
-                                          gain, tol, check_every, first_drive=first2, prepared=prepared)
+                                          gain, tol, check_every, first_drive=first2, prepared=prepared,
+                                          schedule=net.schedule)
             s_plus = [s[:n].clone() for s in s_nud]
             s_minus = [s[n:].clone() for s in s_nud]
             contrastive_update(layers, x, s_plus, s_minus, x, -1.0 / (2.0 * beta * n))
@@ -301,7 +370,7 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep
                 b = beta if torch.randint(0, 2, (1,)).item() == 1 else -beta
             betas = torch.full((n,), b, dtype=x.dtype, device=x.device)
             s_nud, nud_rep = nudged_phase(net, plan, x, y, teacher, s_star, betas, T2, gain, tol, check_every,
-                                          first_drive=first, prepared=prepared)
+                                          first_drive=first, prepared=prepared, schedule=net.schedule)
             s_plus, s_minus = [s.clone() for s in s_nud], None
             contrastive_update(layers, x, s_plus, s_star, x, -1.0 / (b * n))
             head_states = (s_star,)
@@ -343,15 +412,30 @@ def bptt(net, x, y, T1, teacher=None):
     states = [torch.zeros((x.shape[0],) + s, dtype=x.dtype, device=x.device) for s in plan.state_shapes]
     with use_backend("reference"), torch.enable_grad():
         first = layers[0].drive(x)
-        for _ in range(T1):
-            drives = [first] + [layers[l].drive(states[l - 1]) for l in range(1, L)]
-            new = []
-            for l in range(L):
-                total = drives[l][0]
+
+        def updated(states, which):
+            """New values of the states ``which``, all from ``states`` (each drive once)."""
+            drives = {}
+
+            def drive(l):
+                if l not in drives:
+                    drives[l] = first if l == 0 else layers[l].drive(states[l - 1])
+                return drives[l]
+
+            new = {}
+            for l in which:
+                total = drive(l)[0]
                 if l + 1 < L:
-                    total = total + layers[l + 1].top_down(states[l + 1], drives[l + 1][1], shapes[l + 1])
-                new.append(torch.clamp(gain * total, 0.0, 1.0))
-            states = new
+                    idx = drive(l + 1)[1] if getattr(layers[l + 1], "pool", 1) > 1 else None
+                    total = total + layers[l + 1].top_down(states[l + 1], idx, shapes[l + 1])
+                new[l] = torch.clamp(gain * total, 0.0, 1.0)
+            return [new.get(l, s) for l, s in enumerate(states)]
+
+        # The schedules of ``STEPS``: synchronous, or odd-numbered states then even-numbered ones.
+        halves = [range(L)] if net.schedule == "synchronous" else [range(0, L, 2), range(1, L, 2)]
+        for _ in range(T1):
+            for which in halves:
+                states = updated(states, which)
         total, loss, logits, aux = total_cost(net, states, y, teacher)
         total.backward()
     return EPResult(loss=loss.detach(), logits=logits.detach(),

@@ -32,13 +32,18 @@ class EPNetwork(nn.Module):
     ``flat(s_L)``); ``readout=None`` is MSE mode (``s_L`` is the output). ``activation`` is
     ``'hardsigmoid'`` (``clamp(x, 0, 1)``) or ``'hardsigmoid_half'`` (``clamp(x/2, 0, 1)``).
     ``T1``, ``T2``, ``beta``, ``nudging`` and ``tol`` are defaults for the calls below.
+    ``schedule`` is how a relaxation step updates the layers: ``'synchronous'`` (all from the
+    same old states, as in Laborieux et al.) or ``'alternating'`` (odd-numbered layers, then
+    even-numbered ones: Phi never decreases, so deep or strongly coupled networks converge
+    where synchronous updates oscillate; same fixed points, same cost per step).
     ``compute_dtype=torch.bfloat16`` runs the relaxation's convolutions and matrix products
     in bfloat16 with the states, state updates and weight updates in the parameters' dtype
     (measure what it does to the gradient with ``ep-gradcheck --compute-dtype bfloat16``).
     """
 
     def __init__(self, *layers, readout=None, activation="hardsigmoid_half", T1=30, T2=10, beta=0.5,
-                 nudging="symmetric", tol=None, check_every=10, signals=(), compute_dtype=None):
+                 nudging="symmetric", tol=None, check_every=10, signals=(), compute_dtype=None,
+                 schedule="synchronous"):
         super().__init__()
         if not layers:
             raise ValueError("EPNetwork needs at least one layer")
@@ -51,6 +56,7 @@ class EPNetwork(nn.Module):
             raise ValueError(f"activation must be one of {sorted(engine.ACTIVATION_GAIN)}, got {activation!r}")
         if nudging not in engine.NUDGING:
             raise ValueError(f"nudging must be one of {engine.NUDGING}, got {nudging!r}")
+        self.schedule = schedule
         self.layers = nn.ModuleList(layers)
         self.readout = readout
         for i, sig in enumerate(signals):
@@ -75,6 +81,17 @@ class EPNetwork(nn.Module):
         self._plans = {}
 
     @property
+    def schedule(self):
+        """How a relaxation step updates the layers: ``'synchronous'`` or ``'alternating'``."""
+        return self._schedule
+
+    @schedule.setter
+    def schedule(self, value):
+        if value not in engine.SCHEDULES:
+            raise ValueError(f"schedule must be one of {engine.SCHEDULES}, got {value!r}")
+        self._schedule = value
+
+    @property
     def mode(self):
         return "ce" if self.readout is not None else "mse"
 
@@ -86,7 +103,8 @@ class EPNetwork(nn.Module):
         return last.out_features if isinstance(last, EPLinear) else None
 
     def extra_repr(self):
-        return f"mode={self.mode}, activation={self.activation}, T1={self.T1}, T2={self.T2}, beta={self.beta}"
+        return (f"mode={self.mode}, activation={self.activation}, schedule={self.schedule}, T1={self.T1}, "
+                f"T2={self.T2}, beta={self.beta}")
 
     # -- input checks ---------------------------------------------------------------------
     def _param(self):
@@ -146,7 +164,8 @@ class EPNetwork(nn.Module):
             gain = engine.ACTIVATION_GAIN[self.activation]
             states, rep = engine.free_phase(self.layers, self._plan(x), x, T1, gain,
                                             tol if tol is not None else self.tol, self.check_every,
-                                            prepared=engine.prepare_layers(self.layers, self.compute_dtype))
+                                            prepared=engine.prepare_layers(self.layers, self.compute_dtype),
+                                            schedule=self.schedule)
             return [s.clone() for s in states], rep
 
     def forward(self, x, T1=None):

@@ -10,22 +10,38 @@
   the last convolution of each block (``EPConv2d(pool=2)``: 32 -> 16 -> 8 -> 4 -> 2 -> 1),
   linear readout 512 -> classes. Channels 64-128-256-512-512 (times ``width``).
 - ``deep8``: a reduced deep preset for the bundled 8x8 digits (CPU demonstrations of the
-  vanishing nudge): 8 convolutions (3x3, padding 1) in four blocks of two, pooled where the size
-  allows (8 -> 4 -> 2 -> 1, the last block stays at 1x1), channels 16-32-64-64 (times ``width``).
+  vanishing nudge and of training with intermediate signals): 8 convolutions (3x3, padding 1)
+  in four blocks of two, channels 16-32-64-64 (times ``width``), the first block at 8x8 and a
+  2x2 max-pool ending each of the others (8 -> 4 -> 2 -> 1), so every convolution sees at
+  least a 2x2 map.
 
 Deep presets record their blocks in ``net.block_ends`` (the index of each block's last layer);
 ``build_signals`` attaches the intermediate signals there by default (every block end except
 the top layer, which the readout already supervises).
 
-Initialisation is PyTorch's default (uniform, fan-in scaled) multiplied by ``init_scale``,
-the ``my_init(scale)`` of Laborieux et al.'s code. Layers are named ``layers.<i>`` and
-``readout`` (``EPNetwork``), which is what per-layer learning rates refer to.
+Initialisation of ``small``, ``vgg5`` and ``mlp``: PyTorch's default (uniform, fan-in scaled)
+multiplied by ``init_scale`` (default 1), the ``my_init(scale)`` of Laborieux et al.'s code.
+
+Deep presets need more care, measured on ``deep8`` (``examples/deep_digits.sh``): with the
+default initialisation the states fade layer after layer (the top state hardly depends on the
+input, and output-only EP stays at chance); scaled up, the states of a layer share one large
+common offset (every state is >= 0, so ``W s`` carries ``mean(W) * sum(s)``) and the network
+falls into input-independent attractors, where synchronous updates also oscillate. So deep
+presets start from PyTorch's default weights, centred per output channel (zero mean over each
+filter) in every layer that reads states (all but the first), times ``init_scale`` (default
+``DEEP_GAIN / gain``: 3 with ``hardsigmoid_half``), with zero biases and the readout as PyTorch
+makes it; and they relax with the ``alternating`` schedule (``EPNetwork``), which converges
+where synchronous updates oscillate.
+
+Layers are named ``layers.<i>`` and ``readout`` (``EPNetwork``), which is what per-layer
+learning rates refer to.
 """
 import math
 
 import torch
 import torch.nn as nn
 
+from .engine import ACTIVATION_GAIN
 from .layers import EPConv2d, EPLinear
 from .network import EPNetwork
 
@@ -36,8 +52,10 @@ DEEP_BLOCKS = {
     "vgg11": [(64, 1, 2), (128, 1, 2), (256, 2, 2), (512, 2, 2), (512, 2, 2)],
     "vgg13": [(64, 2, 2), (128, 2, 2), (256, 2, 2), (512, 2, 2), (512, 2, 2)],
     "vgg16": [(64, 2, 2), (128, 2, 2), (256, 3, 2), (512, 3, 2), (512, 3, 2)],
-    "deep8": [(16, 2, 2), (32, 2, 2), (64, 2, 2), (64, 2, 1)],
+    "deep8": [(16, 2, 1), (32, 2, 2), (64, 2, 2), (64, 2, 2)],
 }
+# Deep presets' default init_scale times the activation's gain (see the module docstring).
+DEEP_GAIN = 1.5
 SIGNAL_KINDS = ("classifier", "feature", "logit")
 
 
@@ -52,21 +70,29 @@ def _conv_stack(in_shape, specs, n_classes):
     return layers, nn.Linear(c * h * w, n_classes)
 
 
-def build_network(name, in_shape, n_classes, activation="hardsigmoid_half", init_scale=1.0, width=None, **kw):
+def build_network(name, in_shape, n_classes, activation="hardsigmoid_half", init_scale=None, width=None,
+                  schedule=None, **kw):
     """An ``EPNetwork`` for inputs of shape ``in_shape`` = (C, H, W) and ``n_classes`` classes.
 
-    ``width`` scales the channel / unit counts (1.0 = the preset's own). Other keywords (T1,
-    T2, beta, nudging) go to ``EPNetwork``.
+    ``width`` scales the channel / unit counts (1.0 = the preset's own). ``init_scale`` and
+    ``schedule`` default per preset (see the module docstring: deep presets 3 and
+    ``'alternating'`` with ``hardsigmoid_half``; the others 1 and ``'synchronous'``). Other
+    keywords (T1, T2, beta, nudging) go to ``EPNetwork``.
     """
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r} (--preset); choose one of {', '.join(PRESETS)}")
+    if activation not in ACTIVATION_GAIN:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATION_GAIN)}, got {activation!r}")
     in_shape = tuple(int(v) for v in in_shape)
     if len(in_shape) != 3:
         raise ValueError(f"build_network needs in_shape = (C, H, W), got {in_shape}")
     w = 1.0 if width is None else float(width)
     if w <= 0:
         raise ValueError(f"width must be positive, got {width}")
+    if init_scale is not None and not init_scale > 0:
+        raise ValueError(f"init_scale must be positive, got {init_scale}")
     ch = lambda n: max(1, int(round(n * w)))  # noqa: E731
+    deep = name in DEEP_BLOCKS
 
     if name == "small":
         # 8x8 -> 4x4 -> 2x2. Larger inputs (MNIST 28x28) also work: 28 -> 14 -> 7 -> 3 (floor).
@@ -80,7 +106,7 @@ def build_network(name, in_shape, n_classes, activation="hardsigmoid_half", init
         except ValueError as e:
             raise ValueError(f"preset 'vgg5' needs inputs of at least 32x32 pixels (it was made for CIFAR); "
                              f"got shape {in_shape}: {e}") from e
-    elif name in DEEP_BLOCKS:
+    elif deep:
         specs, block_ends = [], []
         for c, n, pool in DEEP_BLOCKS[name]:
             specs += [(ch(c), 3, 1, 1)] * (n - 1) + [(ch(c), 3, 1, pool)]
@@ -96,13 +122,34 @@ def build_network(name, in_shape, n_classes, activation="hardsigmoid_half", init
         layers = [EPLinear(n_in, ch(256))]
         readout = nn.Linear(ch(256), n_classes)
 
-    if init_scale != 1.0:
+    centred_scale = None
+    if deep:
+        centred_scale = DEEP_GAIN / ACTIVATION_GAIN[activation] if init_scale is None else float(init_scale)
+        centred_init_(layers, centred_scale)
+    elif init_scale is not None and init_scale != 1.0:
         with torch.no_grad():
             for p in [p for m in list(layers) + [readout] for p in m.parameters()]:
                 p.mul_(init_scale)
-    net = EPNetwork(*layers, readout=readout, activation=activation, **kw)
-    net.block_ends = tuple(block_ends) if name in DEEP_BLOCKS else _pooled_ends(net)
+    if schedule is None:
+        schedule = "alternating" if deep else "synchronous"
+    net = EPNetwork(*layers, readout=readout, activation=activation, schedule=schedule, **kw)
+    net.block_ends = tuple(block_ends) if deep else _pooled_ends(net)
+    net.centred_init_scale = centred_scale  # Teacher.like repeats it
     return net
+
+
+@torch.no_grad()
+def centred_init_(layers, scale):
+    """The deep presets' initialisation, in place on layers with PyTorch's default weights:
+    filters centred per output channel in every layer that reads states (all but the first),
+    times ``scale``; zero biases."""
+    for i, layer in enumerate(layers):
+        w = layer.weight
+        if i > 0:  # reads states, which are >= 0: remove the common offset mean(W) * sum(s)
+            w.sub_(w.mean(dim=tuple(range(1, w.dim())), keepdim=True))
+        w.mul_(scale)
+        if layer.bias is not None:
+            layer.bias.zero_()
 
 
 def _pooled_ends(net):

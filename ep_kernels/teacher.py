@@ -30,7 +30,8 @@ class Teacher(nn.Module):
     @classmethod
     def like(cls, net, seed=None):
         """A freshly initialised teacher with ``net``'s topology (same layer classes and
-        arguments: EP layers' ``forward`` is the feed-forward synapse ``P(W * x + b)``)."""
+        arguments: EP layers' ``forward`` is the feed-forward synapse ``P(W * x + b)``), and
+        for a deep preset its initialisation scheme (``presets.centred_init_``)."""
         if net.readout is None:
             raise ValueError("a teacher needs an EP network with a readout (cross-entropy mode)")
         if seed is not None:
@@ -39,6 +40,11 @@ class Teacher(nn.Module):
         readout = copy.deepcopy(net.readout)
         for m in layers + [readout]:
             m.reset_parameters()
+        scale = getattr(net, "centred_init_scale", None)
+        if scale is not None:  # a deep preset: the same initialisation scheme as the EP network
+            from .presets import centred_init_
+
+            centred_init_(layers, scale)
         return cls(layers, readout, net.activation)
 
     def forward(self, x):

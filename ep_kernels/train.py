@@ -40,9 +40,9 @@ from .presets import PRESETS, build_network
 # --algorithm bptt 2.5 min, 98.3%. With 30 epochs the EP-BPTT gap reached 1.7 points for
 # one seed; with 50 it stayed below 1 point over seeds 0-3. Change them only with new measurements.
 DEFAULTS = dict(
-    preset="small", width=1.0, activation="hardsigmoid_half", init_scale=1.0,
+    preset="small", width=1.0, activation="hardsigmoid_half", init_scale=None,
     dataset="digits", data_dir=None, download=False, augment=None, limit_train=None, limit_test=None,
-    algorithm="ep", T1=30, T2=10, beta=0.5, nudging="symmetric", eval_T1=None, tol=None,
+    algorithm="ep", T1=30, T2=10, beta=0.5, nudging="symmetric", eval_T1=None, tol=None, schedule=None,
     epochs=50, batch_size=32, lr="0.05", momentum=0.9, weight_decay=0.0, cosine=True,
     seed=0, threads=None, device="cpu",
 )
@@ -108,7 +108,9 @@ def make_parser():
     g.add_argument("--activation", choices=("hardsigmoid", "hardsigmoid_half"), default=d["activation"],
                    help="clamp(x, 0, 1) or clamp(x/2, 0, 1) (default: %(default)s)")
     g.add_argument("--init-scale", type=_typed(float, 0, strict=True), default=d["init_scale"],
-                   help="multiply PyTorch's default initial weights (default: %(default)s)")
+                   help="multiply PyTorch's default initial weights (default: 1; deep presets: 3 with "
+                        "hardsigmoid_half, 1.5 with hardsigmoid, on filters centred per output channel, see "
+                        "ep_kernels/presets.py)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default=d["dataset"],
                    help="digits (bundled, no download) or a torchvision dataset in --data-dir "
@@ -131,6 +133,10 @@ def make_parser():
                    help="nudging strength (default: %(default)s)")
     g.add_argument("--nudging", choices=("symmetric", "one-sided", "random-sign"), default=d["nudging"],
                    help="default: %(default)s")
+    g.add_argument("--schedule", choices=("synchronous", "alternating"), default=d["schedule"],
+                   help="relaxation step: all layers from the same old states, or odd-numbered layers then "
+                        "even-numbered ones (converges where synchronous updates oscillate) (default: "
+                        "alternating for the deep presets vgg11/13/16 and deep8, synchronous otherwise)")
     g.add_argument("--eval-T1", type=_typed(int, 1), default=None,
                    help="free-phase steps at evaluation (default: --T1)")
     g.add_argument("--tol", type=_typed(float, 0, strict=True), default=None,
@@ -665,7 +671,8 @@ def _setup(cfg):
     try:
         net = build_network(cfg["preset"], data.in_shape, data.n_classes, activation=cfg["activation"],
                             init_scale=cfg["init_scale"], width=cfg["width"], T1=cfg["T1"], T2=cfg["T2"],
-                            beta=cfg["beta"], nudging=cfg["nudging"], tol=cfg["tol"])
+                            beta=cfg["beta"], nudging=cfg["nudging"], tol=cfg["tol"],
+                            schedule=cfg.get("schedule"))  # absent in runs saved before the option
     except ValueError as e:
         raise UsageError(str(e))
     _attach_signals(cfg, net)  # before the optimizer: heads and maps are trained too

@@ -72,6 +72,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="deep8")
     p.add_argument("--width", type=float, default=0.5)
+    p.add_argument("--init-scale", type=float, default=None,
+                   help="initial weight scale (default: the preset's, see ep_kernels/presets.py)")
+    p.add_argument("--schedule", choices=("synchronous", "alternating"), default=None,
+                   help="relaxation schedule (default: the preset's)")
+    p.add_argument("--tag", default="", help="suffix of the output files (vanishing_nudge<tag>.*)")
     p.add_argument("--signals", default="none,classifier,feature",
                    help="configurations, comma-separated: none, classifier, feature, classifier+feature")
     p.add_argument("--lambda", dest="lam", type=float, default=1.0)
@@ -91,7 +96,9 @@ def main(argv=None):
 
     data = load_dataset("digits")
     torch.manual_seed(args.seed)
-    base = build_network(args.preset, data.in_shape, data.n_classes, width=args.width)
+    base = build_network(args.preset, data.in_shape, data.n_classes, width=args.width, init_scale=args.init_scale,
+                         schedule=args.schedule)
+    args.schedule = base.schedule
     g = torch.Generator().manual_seed(args.seed)
     idx = torch.randperm(len(data.y_train), generator=g)[:args.batch]
     x, y = data.x_train[idx], data.y_train[idx]
@@ -129,20 +136,22 @@ def main(argv=None):
     table = format_table(results)
     print(table)
     os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "vanishing_nudge.json"), "w") as f:
+    stem = os.path.join(args.out, f"vanishing_nudge{args.tag}")
+    with open(stem + ".json", "w") as f:
         json.dump(results, f, indent=2)
-    with open(os.path.join(args.out, "vanishing_nudge.txt"), "w") as f:
+    with open(stem + ".txt", "w") as f:
         f.write(table + "\n")
-    plot(results, os.path.join(args.out, "vanishing_nudge.png"))
-    print(f"wrote {args.out}/vanishing_nudge.{{json,txt,png}} in {results['seconds']:.0f} s", file=sys.stderr)
+    plot(results, stem + ".png")
+    print(f"wrote {stem}.{{json,txt,png}} in {results['seconds']:.0f} s", file=sys.stderr)
     return results
 
 
 def format_table(r):
     s = r["settings"]
     sig = set(r["signal_layers"])
-    lines = [f"{s['preset']} (width {s['width']}: channels {r['channels']}) on {s['batch']} digits, float64; "
-             f"signals at layers {sorted(sig)} (*)",
+    init = "preset default" if s.get("init_scale") is None else s["init_scale"]
+    lines = [f"{s['preset']} (width {s['width']}: channels {r['channels']}; init scale {init}, "
+             f"{s.get('schedule')} schedule) on {s['batch']} digits, float64; signals at layers {sorted(sig)} (*)",
              f"train: beta {s['beta']}, T1 {s['T1']}, T2 {s['T2']};  check: beta {s['check_beta']}, "
              f"T1 {s['check_T1']}, T2 {s['check_T2']}",
              "columns per config: mean|s+ - s*| (train) | its ratio to the top layer's | cos(EP, BPTT) at the "

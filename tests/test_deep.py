@@ -42,7 +42,7 @@ def test_deep8_and_signals():
     for l in net.layers:
         shape = l.state_shape(shape)
         shapes.append(shape[1:])
-    assert shapes == [(8, 8), (4, 4), (4, 4), (2, 2), (2, 2), (1, 1), (1, 1), (1, 1)]
+    assert shapes == [(8, 8), (8, 8), (8, 8), (4, 4), (4, 4), (2, 2), (2, 2), (1, 1)]
     assert default_signal_layers(net) == [1, 3, 5]
     sigs = build_signals(net, ("classifier", "feature", "logit"), lambdas=[1.0, 0.5, 0.25], tau=2.0)
     assert len(net.signals) == 7 and list(net.signals) == sigs
@@ -69,6 +69,36 @@ def test_deep8_and_signals():
     assert all(s.head.weight.grad is not None for s in net.signals)
 
 
+@pytest.mark.parametrize("activation,scale", [("hardsigmoid_half", 3.0), ("hardsigmoid", 1.5)])
+def test_deep_presets_initialisation_and_schedule(activation, scale):
+    """Deep presets: PyTorch's default filters, centred per output channel past the first
+    layer, times 1.5 / gain; zero biases; default readout; the alternating schedule."""
+    torch.manual_seed(0)
+    net = build_network("deep8", (1, 8, 8), 10, activation=activation)
+    torch.manual_seed(0)
+    plain = build_network("deep8", (1, 8, 8), 10, activation=activation, init_scale=1.0)
+    assert net.schedule == "alternating" and net.centred_init_scale == scale
+    for i, (a, b) in enumerate(zip(net.layers, plain.layers)):
+        torch.testing.assert_close(a.weight, scale * b.weight)
+        assert a.bias.abs().max() == 0
+        bound = 1 / (a.weight[0].numel() ** 0.5)  # PyTorch's default: uniform(-bound, bound)
+        if i > 0:
+            assert a.weight.mean(dim=(1, 2, 3)).abs().max() < 1e-6
+            assert a.weight.abs().max() <= 2 * scale * bound
+        else:
+            assert a.weight.mean().abs() > 1e-4 and a.weight.abs().max() <= scale * bound
+    assert net.readout.weight.abs().max() <= 1 / net.readout.in_features ** 0.5
+    assert build_network("deep8", (1, 8, 8), 10, schedule="synchronous").schedule == "synchronous"
+    small = build_network("small", (1, 8, 8), 10)
+    assert small.schedule == "synchronous" and small.centred_init_scale is None
+    with pytest.raises(ValueError, match="init_scale must be positive"):
+        build_network("deep8", (1, 8, 8), 10, init_scale=0.0)
+    # a teacher of a deep preset starts from the same scheme (fresh values)
+    t = Teacher.like(net, seed=1)
+    assert all(l.weight.mean(dim=(1, 2, 3)).abs().max() < 1e-6 for l in t.layers[1:])
+    assert all(l.bias.abs().max() == 0 for l in t.layers)
+
+
 def test_teacher_roundtrip(tmp_path):
     net = build_network("deep8", (1, 8, 8), 10, width=0.25)
     t = Teacher.like(net, seed=3)
@@ -79,7 +109,7 @@ def test_teacher_roundtrip(tmp_path):
     a, b = t.targets(x), u.targets(x)
     assert torch.equal(a["logits"], b["logits"]) and set(a["features"]) == set(range(8))
     assert all(a["features"][l].shape[1:] == tuple(s) for l, s in
-               zip(range(8), [(4, 8, 8), (4, 4, 4), (8, 4, 4), (8, 2, 2), (16, 2, 2), (16, 1, 1), (16, 1, 1), (16, 1, 1)]))
+               zip(range(8), [(4, 8, 8), (4, 8, 8), (8, 8, 8), (8, 4, 4), (16, 4, 4), (16, 2, 2), (16, 2, 2), (16, 1, 1)]))
     other = build_network("deep8", (1, 8, 8), 10, width=0.5)
     with pytest.raises(ValueError, match="does not match"):
         load_teacher(path, other)

@@ -5,7 +5,8 @@ with the derivative taken by ``torch.autograd.grad``. That gives, with nothing w
 hand, the bottom-up drive ``a_l(s_{l-1})`` plus the top-down term: the transposed
 convolution of ``s_{l+1}`` max-unpooled to the argmax positions of the current step (the
 backward of ``F.max_pool2d`` routes to its argmax, first position on ties), and the nudge
-``-beta dC/ds``. All layers update synchronously from the same old state.
+``-beta dC/ds``. All layers update synchronously from the same old state, or (the
+``alternating`` schedule) odd-numbered layers first, then even-numbered ones.
 
 The cost is ``C = L_out + sum_l lambda_l L_l(s_l)`` (DESIGN.md section 4): the intermediate
 error signals of ``ref.signals`` are part of it, so ``Phi_beta = Phi - beta C`` and the same
@@ -134,22 +135,40 @@ def init_states(ref, x):
     return states
 
 
-def step(ref, x, states, y=None, beta=0.0, params=None, create_graph=False, teacher=None):
-    """One synchronous step ``s_l <- sigma(dPhi_beta/ds_l)`` for every l.
-
-    ``create_graph=True`` keeps the step differentiable w.r.t. ``params`` and the incoming
-    states (BPTT); otherwise the new states are detached.
-    """
+def _grad_phi(ref, x, states, y, beta, params, create_graph, teacher):
+    """``dPhi_beta/ds_l`` for every l, at ``states``."""
     with torch.enable_grad():
         if create_graph:
-            states = [s if s.requires_grad else s.detach().requires_grad_() for s in states]
+            # A fresh alias per state, so the gradient is the partial derivative: with the
+            # alternating schedule some states are functions of others in the same list.
+            states = [s.view_as(s) if s.requires_grad else s.detach().requires_grad_() for s in states]
         else:
             states = [s.detach().requires_grad_() for s in states]
         f = phi(ref, x, states, params).sum()
         if beta != 0:
             f = f - beta * cost(ref, states, y, params, teacher).sum()
-        grads = torch.autograd.grad(f, states, create_graph=create_graph)
-    new = [sigma(ref, g) for g in grads]
+        return torch.autograd.grad(f, states, create_graph=create_graph)
+
+
+def step(ref, x, states, y=None, beta=0.0, params=None, create_graph=False, teacher=None):
+    """One step ``s_l <- sigma(dPhi_beta/ds_l)`` for every l.
+
+    ``ref.schedule == "synchronous"``: every layer from the same old states. ``"alternating"``:
+    the layers with even 0-based index (``s_1, s_3, ...``) from the old states, then the
+    others from the states with the first half already updated (the gradient is simply
+    taken again; the fast path's bookkeeping of which drives it can reuse is not copied).
+
+    ``create_graph=True`` keeps the step differentiable w.r.t. ``params`` and the incoming
+    states (BPTT); otherwise the new states are detached.
+    """
+    halves = [range(len(states))]
+    if getattr(ref, "schedule", "synchronous") == "alternating":
+        halves = [range(0, len(states), 2), range(1, len(states), 2)]
+    new = list(states)
+    for which in halves:
+        grads = _grad_phi(ref, x, new, y, beta, params, create_graph, teacher)
+        for l in which:
+            new[l] = sigma(ref, grads[l])
     return new if create_graph else [s.detach() for s in new]
 
 

@@ -13,6 +13,9 @@ import torch
 from torch import nn
 
 GAINS = {"hardsigmoid": 1.0, "hardsigmoid_half": 0.5}
+# How a step updates the layers: all at once from the same old states, or the odd-numbered
+# states s_1, s_3, ... first and then the even-numbered ones from the new odd ones.
+SCHEDULES = ("synchronous", "alternating")
 
 
 @dataclass(frozen=True)
@@ -71,12 +74,17 @@ class ReferenceNet:
     side for 4-D states, default 1), ``map`` (feature distillation: a (C_t, C, 1, 1) 1x1
     convolution or a (F_t, F) linear weight, and bias), ``tau`` (logit distillation).
     Their parameters are named ``signals.<i>.head.*`` / ``signals.<i>.map.*``.
+
+    ``schedule``: ``"synchronous"`` or ``"alternating"`` (see ``dynamics.step``).
     """
 
-    def __init__(self, layers, readout=None, activation="hardsigmoid", signals=()):
+    def __init__(self, layers, readout=None, activation="hardsigmoid", signals=(), schedule="synchronous"):
         if activation not in GAINS:
             raise ValueError(f"activation must be one of {sorted(GAINS)}, got {activation!r}")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
         self.activation = activation
+        self.schedule = schedule
         self.gain = GAINS[activation]
         self.params = {}
         self.layers = []
@@ -198,7 +206,8 @@ class ReferenceNet:
         ro = getattr(net, "readout", None)
         readout = None if ro is None else dict(weight=ro.weight, bias=ro.bias)
         signals = [_signal_spec(i, sig) for i, sig in enumerate(getattr(net, "signals", None) or ())]
-        return cls(specs, readout, activation=getattr(net, "activation", "hardsigmoid"), signals=signals)
+        return cls(specs, readout, activation=getattr(net, "activation", "hardsigmoid"), signals=signals,
+                   schedule=getattr(net, "schedule", "synchronous"))
 
     @property
     def layer_param_names(self):
@@ -235,7 +244,8 @@ class ReferenceNet:
     def __repr__(self):
         body = ", ".join(f"{L.kind}{'/pool' + str(L.pool) if L.pool > 1 else ''}" for L in self.layers)
         sig = "".join(f", {S.kind}@{S.layer}" for S in self.signals)
-        return f"ReferenceNet([{body}], mode={self.mode!r}, activation={self.activation!r}{sig})"
+        return (f"ReferenceNet([{body}], mode={self.mode!r}, activation={self.activation!r}, "
+                f"schedule={self.schedule!r}{sig})")
 
 
 def _linear_params(i, part, mod):
