@@ -102,6 +102,25 @@ def test_step_explicit(benchmark, setup, path):
     benchmark.extra_info["effective_gflops"] = flops / benchmark.stats.stats.mean / 1e9
 
 
+@pytest.mark.parametrize("schedule", ["synchronous", "alternating"])
+def test_steps_by_schedule(benchmark, setup, schedule):
+    """Ten steps of each schedule on the fused CPU path: the alternating one computes each
+    layer's drive once per step too (plus one extra set of pooled drives on its first step)."""
+    net, x, _, states = setup
+    benchmark.group = "vgg5 ten relaxation steps by schedule, batch 32, fused-cpu"
+    benchmark.name = f"test_steps_by_schedule[{schedule}]"
+    if schedule == "synchronous":
+        benchmark.extra_info["baseline"] = True
+    gain = ACTIVATION_GAIN[net.activation]
+    with use_backend("cpu"), torch.no_grad():
+        prepared = prepare_layers(net.layers)
+        first = net.layers[0].drive(x, prepared[0])
+        spare = [torch.empty_like(s) for s in states]
+        run = lambda: relax(net.layers, x, [s.clone() for s in states], 10, gain, first_drive=first,  # noqa: E731
+                            spare=spare, prepared=prepared, schedule=schedule)
+        benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+
+
 @pytest.mark.benchmark(group="machine float32 convolution rate")
 def test_machine_conv_rate(benchmark):
     """A large plain convolution: the rate the machine reaches, to read step times against."""

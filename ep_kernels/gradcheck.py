@@ -188,6 +188,8 @@ def main(argv=None):
     p.add_argument("--preset", default="small", help="network preset (see ep-train --help)")
     p.add_argument("--width", type=float, default=0.25, help="channel multiplier of the preset")
     p.add_argument("--activation", default="hardsigmoid_half", choices=["hardsigmoid", "hardsigmoid_half"])
+    p.add_argument("--schedule", default=None, choices=["synchronous", "alternating"],
+                   help="relaxation schedule (default: the preset's, or the checkpoint's)")
     p.add_argument("--checkpoint", help="an ep-train run folder or checkpoint.pt: check the trained weights")
     p.add_argument("--dataset", default="digits")
     p.add_argument("--data-dir", default=None)
@@ -219,8 +221,12 @@ def main(argv=None):
     x, y = data.x_train[idx], data.y_train[idx]
     if a.checkpoint:
         net = _load_checkpoint(a.checkpoint, data)
+        if a.schedule is not None:
+            net.schedule = a.schedule
     else:
-        net = build_network(a.preset, data.in_shape, data.n_classes, activation=a.activation, width=a.width)
+        net = build_network(a.preset, data.in_shape, data.n_classes, activation=a.activation, width=a.width,
+                            schedule=a.schedule)
+    a.schedule = net.schedule  # recorded in report.json
 
     reports = []
     for dt in dtypes:
@@ -247,7 +253,8 @@ def _load_checkpoint(path, data):
     if isinstance(cfg, str):
         cfg = json.loads(cfg)
     net = build_network(cfg.get("preset", "small"), data.in_shape, data.n_classes,
-                        activation=cfg.get("activation", "hardsigmoid_half"), width=cfg.get("width"))
+                        activation=cfg.get("activation", "hardsigmoid_half"), width=cfg.get("width"),
+                        schedule=cfg.get("schedule"))
     net.load_state_dict(ckpt["model"])
     return net
 

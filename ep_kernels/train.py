@@ -672,9 +672,11 @@ def _setup(cfg):
         net = build_network(cfg["preset"], data.in_shape, data.n_classes, activation=cfg["activation"],
                             init_scale=cfg["init_scale"], width=cfg["width"], T1=cfg["T1"], T2=cfg["T2"],
                             beta=cfg["beta"], nudging=cfg["nudging"], tol=cfg["tol"],
-                            schedule=cfg.get("schedule"))  # absent in runs saved before the option
+                            # a resumed run keeps the schedule it started with, even if the preset's default changed
+                            schedule=cfg.get("schedule") or cfg.get("schedule_used"))
     except ValueError as e:
         raise UsageError(str(e))
+    cfg["schedule_used"], cfg["centred_init_scale"] = net.schedule, net.centred_init_scale
     _attach_signals(cfg, net)  # before the optimizer: heads and maps are trained too
     net.to(device)
     opt = make_optimizer(net, parse_lrs(cfg["lr"]), cfg["momentum"], cfg["weight_decay"])

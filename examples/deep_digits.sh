@@ -12,9 +12,10 @@
 # examples/results/deep_digits.txt.
 set -euo pipefail
 OUT=${1:-runs/deep_digits}
-EPOCHS=${2:-10}
+EPOCHS=${2:-20}
 SEEDS=${3:-"0 1 2"}
-COMMON=(--preset deep8 --epochs "$EPOCHS" --T1 40 --T2 12 --beta 0.5 --lr 0.01 --threads 1 --no-progress)
+COMMON=(--preset deep8 --epochs "$EPOCHS" --batch-size 16 --T1 40 --T2 12 --beta 0.5 --lr 0.01 --threads 1
+        --no-progress)
 mkdir -p "$OUT"
 for seed in $SEEDS; do
   ep-train "${COMMON[@]}" --seed "$seed" --signals none --run-dir "$OUT/output_only_seed$seed" \
@@ -26,14 +27,27 @@ for seed in $SEEDS; do
 done
 python - "$OUT" $SEEDS <<'PY'
 import json, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
 out, seeds = sys.argv[1], sys.argv[2:]
 print(f"deep8 on the digits (360 held out), {', '.join('seed ' + s for s in seeds)}: final / best test accuracy")
-for name in ("output_only", "signals"):
+fig, ax = plt.subplots(figsize=(6, 4))
+for name, color in (("output_only", "tab:gray"), ("signals", "tab:blue")):
     fin, best = [], []
-    for s in seeds:
+    for i, s in enumerate(seeds):
         m = json.load(open(f"{out}/{name}_seed{s}/metrics.json"))
         fin.append(100 * m["final_test_acc"])
         best.append(100 * m["best_test_acc"])
+        acc = [100 * e["test_acc"] for e in m["epochs"]]
+        ax.plot(range(1, len(acc) + 1), acc, color=color, alpha=0.8, label=name.replace("_", "-") if i == 0 else None)
     cells = "  ".join(f"{f:5.2f} / {b:5.2f}" for f, b in zip(fin, best))
     print(f"{name:12s} {cells}   mean final {sum(fin) / len(fin):.2f}%")
+ax.set_xlabel("epoch")
+ax.set_ylabel("test accuracy (%)")
+ax.set_title(f"deep8 (8 convs) on the digits, EP, seeds {', '.join(seeds)}")
+ax.legend()
+fig.tight_layout()
+fig.savefig(f"{out}/deep_digits.png", dpi=120)
+print(f"wrote {out}/deep_digits.png")
 PY

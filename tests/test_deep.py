@@ -128,6 +128,7 @@ def test_train_with_classifier_signals_and_resume(tmp_path):
     cfg = json.load(open(os.path.join(rd, "config.json")))["config"]
     assert cfg["signals"] == "classifier" and cfg["lambdas"] == "0.5" and cfg["signal_layers"] == "auto"
     assert [s["layer"] for s in cfg["signals_used"]] == [1, 3, 5]
+    assert cfg["schedule"] is None and cfg["schedule_used"] == "alternating" and cfg["centred_init_scale"] == 3.0
     m = json.load(open(os.path.join(rd, "metrics.json")))
     d = m["epochs"][0]["diagnostics"]
     assert len(d["nudge_magnitude"]) == 8 and len(d["grad_magnitude"]) == 8

@@ -32,3 +32,16 @@ def test_gradcheck_cli_writes_report_and_plot(tmp_path, capsys):
     rep = json.load(open(out / "report.json"))
     assert len(rep["reports"]) == 2 and {r["config"]["beta"] for r in rep["reports"]} == {1e-3, 1e-2}
     assert os.path.getsize(out / "gradcheck.png") > 10_000
+
+
+def test_gradcheck_cli_alternating_schedule(tmp_path, capsys):
+    """The small preset relaxed with the alternating schedule: converged EP = BPTT still."""
+    out = tmp_path / "gc"
+    reps = main(["--width", "0.125", "--batch", "4", "--betas", "1e-3", "--dtypes", "float64", "--schedule",
+                 "alternating", "--T1", "120", "--T2", "40", "--no-gdu", "--out", str(out)])
+    capsys.readouterr()
+    assert json.load(open(out / "report.json"))["args"]["schedule"] == "alternating"
+    (rep,) = reps
+    assert rep["config"]["beta"] == 1e-3
+    assert max(rep["residual"]["free"]) < 1e-10
+    assert len(rep["params"]) == 6 and min(p["cosine"] for p in rep["params"].values()) >= 0.9999
