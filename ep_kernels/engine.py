@@ -143,9 +143,10 @@ def alternating_step(layers, first_drive, states, out, shapes, prepared, nudge_f
     """One alternating update from ``states`` into ``out``: first ``s_1, s_3, ...`` (indices
     0, 2, ...) from the old states, then ``s_2, s_4, ...`` from the new odd ones.
 
-    Why: the layers of one parity don't interact, so each half-step maximises Phi exactly over
-    those layers (``clamp(gain * dPhi/ds)`` is the maximiser over the box; with max-pooling it
-    maximises a minorant), and Phi never decreases. Synchronous updates of strongly coupled
+    Why: the layers of one parity don't interact, so each half-step maximises
+    ``F = Phi - |s|^2 / (2 gain)`` exactly over those layers (``clamp(gain * dPhi/ds)`` is
+    F's maximiser over the box [0, 1]; with max-pooling, that of a minorant of F touching it
+    at the current state), and F never decreases. Synchronous updates of strongly coupled
     layers can instead fall into a period-2 oscillation and never converge (measured on deep
     presets). The fixed points are the same, and so is the EP gradient at one; with max-pooling
     there may be several, and the two schedules may settle in different ones.
