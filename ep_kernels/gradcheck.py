@@ -254,7 +254,18 @@ def _load_checkpoint(path, data):
         cfg = json.loads(cfg)
     net = build_network(cfg.get("preset", "small"), data.in_shape, data.n_classes,
                         activation=cfg.get("activation", "hardsigmoid_half"), width=cfg.get("width"),
-                        schedule=cfg.get("schedule"))
+                        schedule=cfg.get("schedule") or cfg.get("schedule_used"))
+    if any(k.startswith("signals.") for k in ckpt["model"]):
+        # The run's intermediate signals are part of the cost it trained: check EP of that cost.
+        from .train import UsageError, _attach_signals
+
+        try:
+            _attach_signals(dict(cfg), net)
+        except UsageError as e:
+            raise ValueError(f"{path}: cannot rebuild the run's signals: {e}") from None
+        if any(sig.kind in ("feature", "logit") for sig in net.signals):
+            raise ValueError(f"{path}: the run trained with distillation signals, which need its teacher; "
+                             "ep-gradcheck --checkpoint supports runs with local classifiers only")
     net.load_state_dict(ckpt["model"])
     return net
 

@@ -54,6 +54,9 @@ _FRESH = ("resume", "run_dir", "max_minutes", "no_progress", "dist_backend", "di
 _OVERRIDABLE = ("threads", "device", "data_dir", "download", "epochs")
 
 EXIT_INTERRUPTED = 130
+# Above this largest per-step change at the end of the free phase (epoch mean), ep-train says
+# once that the phase has not converged: a change of 1e-2 in states that live in [0, 1].
+UNCONVERGED = 1e-2
 
 
 class UsageError(ValueError):
@@ -770,6 +773,7 @@ def _train(cfg, run_dir, ckpt, max_minutes, progress, argv):
         return max_minutes is not None and time.monotonic() - t_start > 60.0 * max_minutes
 
     stop = None  # None, "interrupt" or "time"
+    warned_unconverged = False
     committing = False
     bar = None
     try:
@@ -838,7 +842,18 @@ def _train(cfg, run_dir, ckpt, max_minutes, progress, argv):
                 line = (f"epoch {e + 1}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc "
                         f"{100 * row['train_acc']:.2f}%  test loss {test_loss:.4f} acc {100 * test_acc:.2f}%  "
                         f"lr {row['lr'][0]:.4g}  {row['seconds']:.1f}s")
+                free_res = row["diagnostics"].get("free.residual")
+                if free_res:
+                    line += f"  free residual {max(free_res):.1e}"
                 (tqdm.write if progress else print)(line)
+                if free_res and max(free_res) > UNCONVERGED and not warned_unconverged:
+                    warned_unconverged = True
+                    (tqdm.write if progress else print)(
+                        f"ep-train: note: the free phase ends short of a fixed point (largest change in its last "
+                        f"step {max(free_res):.2g}, epoch mean; T1={cfg['T1']}, {net.schedule} schedule), so EP's "
+                        "gradient departs from BPTT's; `ep-gradcheck --checkpoint RUN_DIR` measures by how much. "
+                        "More --T1 brings it closer, and --schedule alternating converges where synchronous "
+                        "updates oscillate.")
                 stop = _dist.stop_reason(stop_request.requested, out_of_time() and state["epoch"] < cfg["epochs"])
     except KeyboardInterrupt:
         if bar is not None:

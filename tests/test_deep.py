@@ -120,9 +120,12 @@ def _run(tmp_path, name, *args):
     return train.main(TINY + ["--run-dir", rd] + list(args)), rd
 
 
-def test_train_with_classifier_signals_and_resume(tmp_path):
+def test_train_with_classifier_signals_and_resume(tmp_path, capsys):
     rc, rd = _run(tmp_path, "a", "--signals", "classifier", "--lambda", "0.5")
     assert rc == 0
+    printed = capsys.readouterr().out
+    # T1 = 4 is far from converged: the epoch line shows the residual, and a note says so once
+    assert "free residual" in printed and printed.count("the free phase ends short of a fixed point") == 1
     for f in ("config.json", "metrics.json", "diagnostics.png", "curves.png", "checkpoint.pt"):
         assert os.path.isfile(os.path.join(rd, f)), f
     cfg = json.load(open(os.path.join(rd, "config.json")))["config"]

@@ -1,4 +1,5 @@
 """ep-gradcheck: the library's EP gradient against the independent reference's BPTT."""
+import math
 import json
 import os
 
@@ -45,3 +46,20 @@ def test_gradcheck_cli_alternating_schedule(tmp_path, capsys):
     assert rep["config"]["beta"] == 1e-3
     assert max(rep["residual"]["free"]) < 1e-10
     assert len(rep["params"]) == 6 and min(p["cosine"] for p in rep["params"].values()) >= 0.9999
+
+
+def test_gradcheck_checkpoint_of_a_run_with_local_classifiers(tmp_path, capsys):
+    """A deep8 run trained with local classifiers: the check rebuilds its signals and schedule."""
+    from ep_kernels import train
+
+    rd = str(tmp_path / "run")
+    assert train.main(["--preset", "deep8", "--width", "0.25", "--limit-train", "32", "--limit-test", "16",
+                       "--batch-size", "16", "--T1", "4", "--T2", "2", "--threads", "1", "--no-progress",
+                       "--epochs", "1", "--signals", "classifier", "--run-dir", rd]) == 0
+    out = tmp_path / "gc"
+    (rep,) = main(["--checkpoint", rd, "--batch", "2", "--betas", "1e-3", "--dtypes", "float64", "--T1", "20",
+                   "--T2", "5", "--no-gdu", "--out", str(out)])
+    capsys.readouterr()
+    assert json.load(open(out / "report.json"))["args"]["schedule"] == "alternating"
+    assert any(name.startswith("signals.") for name in rep["params"])
+    assert all(math.isfinite(p["cosine"]) for p in rep["params"].values())
