@@ -34,7 +34,6 @@ import threading
 
 import torch
 
-from . import ops
 
 _state = threading.local()
 

@@ -9,7 +9,6 @@ takes.
 """
 import copy
 import json
-import math
 
 import torch
 import torch.nn as nn

@@ -17,6 +17,16 @@ def dtype(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """Tiny tensors: intra-op threads only cost (and spin under load). Restored afterwards.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread_module")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def no_backend_env(monkeypatch):
     """Run a test without EP_KERNELS_BACKEND from the caller's environment."""

@@ -13,7 +13,7 @@ import ep_kernels
 import ep_kernels.ops as ops
 from ep_kernels import RelaxationDiverged, _backend, cuda_graphs, engine, use_backend
 from helpers import grads, make_batch, make_net
-from test_ops import CONV_CASES, _conv_setup, _random_window_indices, _state, _assert_close_scaled
+from op_cases import CONV_CASES, _conv_setup, _random_window_indices, _state, _assert_close_scaled
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")

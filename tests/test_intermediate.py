@@ -9,7 +9,6 @@ fresh random values (not the identity a FeatureDistillation starts from), teache
 are fresh random tensors.
 """
 import copy
-import math
 
 import pytest
 import torch
@@ -23,13 +22,7 @@ from ep_kernels.intermediate import FeatureDistillation, LocalClassifier, LogitD
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only cost (and spin under load). Restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 # --------------------------------------------------------------------------------------

@@ -23,12 +23,7 @@ KINDS = ["conv_pool", "conv_nopool", "mixed", "linear"]
 BACKENDS = ["reference", "cpu"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _alternating(net):

@@ -25,8 +25,9 @@ import ep_kernels.ops as ops  # noqa: E402
 from ep_kernels import _backend, use_backend  # noqa: E402
 from conftest import RTOL  # noqa: E402
 from helpers import grads, make_batch, make_net  # noqa: E402
-from test_ops import CASE_IDS, CONV_CASES, _assert_close_scaled, _conv_setup, _noncontig, _rand, \
-    _random_window_indices, _state  # noqa: E402
+from op_cases import (CASE_IDS, CONV_CASES, _assert_close_scaled, _conv_setup, _noncontig, _rand,  # noqa: E402
+                      _state, check_contrastive_conv_grad, check_conv_pool_drive, check_pool_conv_transpose,
+                      check_state_update, check_state_update_noncontiguous)
 
 # No skip without triton: it is a test dependency (setup.py's "test" extra), so its absence
 # must fail here rather than pass unnoticed.
@@ -60,16 +61,7 @@ def _dev(*ts):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
 def test_conv_pool_drive(case, layout, dtype, gen):
-    x, weight, bias, conv, pool, _ = _conv_setup(case, dtype, gen)
-    if layout != "contiguous":
-        x = _noncontig(x, layout)
-    x, weight, bias = _dev(x, weight, bias)
-    with use_backend("triton"):
-        d, i = ops.conv_pool_drive(x, weight, bias, pool=pool, **conv)
-    rd, ri = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
-    assert d.shape == rd.shape and d.dtype == rd.dtype
-    torch.testing.assert_close(d, rd, rtol=RTOL[dtype], atol=0)
-    assert i.dtype == torch.int64 and torch.equal(i, ri)
+    check_conv_pool_drive("triton", DEV, case, layout, dtype, gen)
 
 
 @pytest.mark.parametrize("pool", [2, 3])
@@ -124,22 +116,7 @@ def test_pool_argmax_fused_bias(pool, dt, gen):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
 def test_pool_conv_transpose(case, layout, dtype, gen):
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(case, dtype, gen)
-    n, cout = x.shape[0], weight.shape[0]
-    s = _state(gen, (n, cout, hc // pool, wc // pool), dtype)
-    idx = _random_window_indices(gen, n, cout, hc, wc, pool) if pool > 1 else torch.empty(0, dtype=torch.int64)
-    if layout != "contiguous":
-        s = _noncontig(s, layout)
-        weight = _noncontig(weight, layout)
-        if pool > 1:
-            idx = _noncontig(idx, layout)
-    s, idx, weight = _dev(s, idx, weight)
-    args = (list(x.shape[2:]), [hc, wc])
-    with use_backend("triton"):
-        out = ops.pool_conv_transpose(s, idx, weight, *args, pool=pool, **conv)
-    ref = ops.pool_conv_transpose_ref(s, idx, weight, *args, pool=pool, **conv)
-    scale = ops.pool_conv_transpose_ref(s.abs(), idx, weight.abs(), *args, pool=pool, **conv)
-    _assert_close_scaled(out, ref, scale, RTOL[dtype])
+    check_pool_conv_transpose("triton", DEV, case, layout, dtype, gen)
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], (2, 70, 100, 6, 7, 3, 1, 1, 1, 1, 2),
@@ -168,36 +145,16 @@ def test_pool_conv_transpose_real_argmax(case, dtype, gen):
 @pytest.mark.parametrize("gain", [1.0, 0.3])
 @pytest.mark.parametrize("parts", ["all", "no_top_down", "no_nudge", "drive_only"])
 def test_state_update(shape, gain, parts, dtype, gen):
-    drive = _rand(gen, *shape, dtype=dtype, lo=-1.0, hi=4.0)
-    td = None if parts in ("no_top_down", "drive_only") else _rand(gen, *shape, dtype=dtype, lo=-1, hi=1)
-    nudge = None if parts in ("no_nudge", "drive_only") else _rand(gen, *shape, dtype=dtype, lo=-0.5, hi=0.5)
-    prev = _rand(gen, *shape, dtype=dtype)
-    drive, td, nudge, prev = _dev(drive, td, nudge, prev)
-    for p in (prev, None):
-        out, out_ref = torch.empty(shape, dtype=dtype, device=DEV), torch.empty(shape, dtype=dtype, device=DEV)
-        with use_backend("triton"):
-            ch = ops.state_update(drive, td, nudge, p, gain, out)
-        ch_ref = ops.state_update_ref(drive, td, nudge, p, gain, out_ref)
-        assert torch.equal(out, out_ref)  # same operation order: bitwise
-        assert ch.shape == ch_ref.shape and ch.dtype == ch_ref.dtype
-        assert torch.equal(ch, ch_ref)
-        assert (out == 1).any() and (out == 0).any()
+    check_state_update("triton", DEV, shape, gain, parts, dtype, gen)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 def test_state_update_noncontiguous_and_nan(layout, dtype, gen):
     shape = (2, 5, 6, 7)
-    drive, td, nudge, prev = (_rand(gen, *shape, dtype=dtype, lo=-1, hi=2) for _ in range(4))
-    out = _dev(_noncontig(torch.zeros(shape, dtype=dtype), layout))
-    out_ref = torch.empty(shape, dtype=dtype, device=DEV)
-    args = [_dev(_noncontig(t, layout)) for t in (drive, td, nudge, prev)]
-    with use_backend("triton"):
-        ch = ops.state_update(*args[:3], args[3], 0.5, out)
-    ch_ref = ops.state_update_ref(*_dev(drive, td, nudge, prev), 0.5, out_ref)
-    assert torch.equal(out, out_ref) and torch.equal(ch, ch_ref)
+    drive, td, nudge, prev = check_state_update_noncontiguous("triton", DEV, layout, dtype, gen)
     # NaN in any operand propagates to the state and to the change
     for k in range(4):
-        ts = [t.clone() for t in _dev(drive, td, nudge, prev)]
+        ts = [t.clone() for t in (drive, td, nudge, prev)]
         ts[k][1, 2, 3, 4] = float("nan")
         o = torch.empty(shape, dtype=dtype, device=DEV)
         with use_backend("triton"):
@@ -219,38 +176,7 @@ CONTRASTIVE_PARAMS = ([pytest.param(c, lay, id=f"{i}-{lay}") for c, i in zip(CON
 
 @pytest.mark.parametrize("case,layout", CONTRASTIVE_PARAMS)
 def test_contrastive_conv_grad(case, layout, dtype, gen):
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(case, dtype, gen)
-    n, cout = x.shape[0], weight.shape[0]
-    x_b = _rand(gen, *x.shape, dtype=dtype)
-    sp = (n, cout, hc // pool, wc // pool)
-    s_a, s_b = _state(gen, sp, dtype), _state(gen, sp, dtype)
-    if pool > 1:
-        i_a, i_b = (_random_window_indices(gen, n, cout, hc, wc, pool) for _ in range(2))
-    else:
-        i_a = i_b = torch.empty(0, dtype=torch.int64)
-    if layout != "contiguous":
-        x, x_b, s_a, s_b = (_noncontig(t, layout) for t in (x, x_b, s_a, s_b))
-    x, x_b, s_a, s_b, i_a, i_b = _dev(x, x_b, s_a, s_b, i_a, i_b)
-    scale = -0.37
-    gw0 = _dev(_rand(gen, *weight.shape, dtype=dtype, lo=-1, hi=1))
-    gb0 = _dev(_rand(gen, cout, dtype=dtype, lo=-1, hi=1))
-    # (x_a, x_b) distinct, and the same input for both states (the first layer's case)
-    for xb, with_bias in ((x_b, True), (x_b, False), (x, True)):
-        gw, gw_ref = gw0.clone(), gw0.clone()
-        gb, gb_ref = (gb0.clone(), gb0.clone()) if with_bias else (None, None)
-        args = (x, s_a, i_a, xb, s_b, i_b, [hc, wc], conv["stride"], conv["padding"], conv["dilation"],
-                conv["groups"], pool, scale)
-        with use_backend("triton"):
-            ops.contrastive_conv_grad(*args, gw, gb)
-        ops.contrastive_conv_grad_ref(*args, gw_ref, gb_ref)
-        absg = torch.zeros_like(gw0)
-        for xx, ss, ii in ((x, s_a, i_a), (xb, s_b, i_b)):
-            u = F.max_unpool2d(ss, ii, pool, pool, output_size=[hc, wc]) if pool > 1 else ss
-            absg += torch.nn.grad.conv2d_weight(xx.abs(), weight.shape, u.abs(), **conv)
-        _assert_close_scaled(gw, gw_ref, abs(scale) * absg + gw0.abs(), RTOL[dtype])
-        if with_bias:
-            babs = (s_a.abs().sum((0, 2, 3)) + s_b.abs().sum((0, 2, 3))) * abs(scale) + gb0.abs()
-            _assert_close_scaled(gb, gb_ref, babs, RTOL[dtype])
+    check_contrastive_conv_grad("triton", DEV, case, layout, dtype, gen)
 
 
 def test_contrastive_conv_grad_noncontiguous_grad(gen):

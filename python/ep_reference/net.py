@@ -9,7 +9,6 @@ can be compared name by name with the fast path. No module, no ep_kernels import
 from dataclasses import dataclass
 from typing import Optional
 
-import torch
 from torch import nn
 
 GAINS = {"hardsigmoid": 1.0, "hardsigmoid_half": 0.5}
