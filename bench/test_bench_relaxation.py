@@ -83,20 +83,27 @@ PATHS = {"explicit-dense": ("reference", None), "fused-cpu": ("cpu", None),
          "fused-cpu-bf16": ("cpu", torch.bfloat16)}
 
 
-@pytest.mark.parametrize("path", list(PATHS))
-def test_step_explicit(benchmark, setup, path):
+def bench_relax(benchmark, setup, steps, backend, rounds, compute_dtype=None, schedule="synchronous"):
+    """Time ``steps`` relaxation steps of the fused loop (``engine.relax``) from the setup's
+    mid-relaxation states, weights prepared and first drive computed once outside the timing."""
     net, x, _, states = setup
-    backend, compute_dtype = PATHS[path]
-    benchmark.group = "vgg5 one relaxation step, batch 32"
-    benchmark.name = f"test_step_explicit[{path}]"
     gain = ACTIVATION_GAIN[net.activation]
     with use_backend(backend), torch.no_grad():
         prepared = prepare_layers(net.layers, compute_dtype)
         first = net.layers[0].drive(x, prepared[0])
         spare = [torch.empty_like(s) for s in states]
-        run = lambda: relax(net.layers, x, [s.clone() for s in states], 1, gain, first_drive=first,  # noqa: E731
-                            spare=spare, prepared=prepared)
-        benchmark.pedantic(run, rounds=5, warmup_rounds=1)
+        run = lambda: relax(net.layers, x, [s.clone() for s in states], steps, gain, first_drive=first,  # noqa: E731
+                            spare=spare, prepared=prepared, schedule=schedule)
+        benchmark.pedantic(run, rounds=rounds, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("path", list(PATHS))
+def test_step_explicit(benchmark, setup, path):
+    net, x, _, _ = setup
+    backend, compute_dtype = PATHS[path]
+    benchmark.group = "vgg5 one relaxation step, batch 32"
+    benchmark.name = f"test_step_explicit[{path}]"
+    bench_relax(benchmark, setup, 1, backend, 5, compute_dtype)
     flops = step_flops(net, x)
     benchmark.extra_info["gflop_per_step_dense"] = flops / 1e9
     benchmark.extra_info["effective_gflops"] = flops / benchmark.stats.stats.mean / 1e9
@@ -106,19 +113,11 @@ def test_step_explicit(benchmark, setup, path):
 def test_steps_by_schedule(benchmark, setup, schedule):
     """Ten steps of each schedule on the fused CPU path: the alternating one computes each
     layer's drive once per step too (plus one extra set of pooled drives on its first step)."""
-    net, x, _, states = setup
     benchmark.group = "vgg5 ten relaxation steps by schedule, batch 32, fused-cpu"
     benchmark.name = f"test_steps_by_schedule[{schedule}]"
     if schedule == "synchronous":
         benchmark.extra_info["baseline"] = True
-    gain = ACTIVATION_GAIN[net.activation]
-    with use_backend("cpu"), torch.no_grad():
-        prepared = prepare_layers(net.layers)
-        first = net.layers[0].drive(x, prepared[0])
-        spare = [torch.empty_like(s) for s in states]
-        run = lambda: relax(net.layers, x, [s.clone() for s in states], 10, gain, first_drive=first,  # noqa: E731
-                            spare=spare, prepared=prepared, schedule=schedule)
-        benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    bench_relax(benchmark, setup, 10, "cpu", 3, schedule=schedule)
 
 
 @pytest.mark.benchmark(group="machine float32 convolution rate")

@@ -236,10 +236,10 @@ def _backend_key(x):
     return backend_for(x.device)
 
 
-def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=None, prepared=None, capture=None,
-               schedule="synchronous"):
-    """``engine.free_phase`` with captured chunks (``capture=False``: the same chunks, run
-    eagerly, e.g. on CPU)."""
+def _phase_setup(layers, plan, x, gain, capture, schedule, prepared, first_drive):
+    """What both phases' runners start from: the capture choice, the prepared weights, the
+    first layer's drive, the input shapes of every synapse, and the part of the runner key
+    that both phases share."""
     from .engine import prepare_layers
 
     capture = _capture_default(x) if capture is None else capture
@@ -247,9 +247,19 @@ def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=N
         prepared = prepare_layers(layers)
     if first_drive is None:
         first_drive = layers[0].drive(x, prepared[0])
-    n = x.shape[0]
     shapes = [tuple(x.shape[1:])] + [tuple(s) for s in plan.state_shapes[:-1]]
-    key = (n, float(gain), _backend_key(x), capture, schedule, _prepared_key(prepared), _tree_key(first_drive))
+    key = (x.shape[0], float(gain), _backend_key(x), capture, schedule, _prepared_key(prepared),
+           _tree_key(first_drive))
+    return capture, prepared, first_drive, shapes, key
+
+
+def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=None, prepared=None, capture=None,
+               schedule="synchronous"):
+    """``engine.free_phase`` with captured chunks (``capture=False``: the same chunks, run
+    eagerly, e.g. on CPU)."""
+    capture, prepared, first_drive, shapes, key = _phase_setup(layers, plan, x, gain, capture, schedule, prepared,
+                                                               first_drive)
+    n = x.shape[0]
     runner = _runner(plan, ("free", n), key,
                      lambda: _PhaseRunner(layers, plan, n, gain, shapes, prepared, first_drive, capture=capture,
                                           schedule=schedule))
@@ -262,19 +272,15 @@ def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=N
 def nudged_phase(net, plan, x, y, teacher, s_star, betas, T, gain, tol=None, check_every=10, first_drive=None,
                  prepared=None, capture=None, schedule="synchronous"):
     """``engine.nudged_phase`` with captured chunks."""
-    from .engine import make_nudge_fn, prepare_layers
+    from .engine import make_nudge_fn
 
-    capture = _capture_default(x) if capture is None else capture
     layers = net.layers
-    if prepared is None:
-        prepared = prepare_layers(layers)
-    if first_drive is None:
-        first_drive = layers[0].drive(x, prepared[0])
+    capture, prepared, first_drive, shapes, key = _phase_setup(layers, plan, x, gain, capture, schedule, prepared,
+                                                               first_drive)
     n = x.shape[0]
-    shapes = [tuple(x.shape[1:])] + [tuple(s) for s in plan.state_shapes[:-1]]
     inputs = {"y": y, "betas": betas, "teacher": teacher}
-    key = (n, float(gain), _backend_key(x), capture, schedule, net.mode, _param_key([net.readout] + list(net.signals)),
-           _prepared_key(prepared), _tree_key(first_drive), _tree_key(inputs), tuple(id(s) for s in net.signals))
+    key += (net.mode, _param_key([net.readout] + list(net.signals)), _tree_key(inputs),
+            tuple(id(s) for s in net.signals))
 
     def make_nudge(static):
         return make_nudge_fn(net, static["y"], static["teacher"], static["betas"])

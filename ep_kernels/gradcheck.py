@@ -20,6 +20,7 @@ import torch
 
 import ep_reference
 
+from .engine import SCHEDULES
 from .network import EPNetwork
 
 
@@ -188,7 +189,7 @@ def main(argv=None):
     p.add_argument("--preset", default="small", help="network preset (see ep-train --help)")
     p.add_argument("--width", type=float, default=0.25, help="channel multiplier of the preset")
     p.add_argument("--activation", default="hardsigmoid_half", choices=["hardsigmoid", "hardsigmoid_half"])
-    p.add_argument("--schedule", default=None, choices=["synchronous", "alternating"],
+    p.add_argument("--schedule", default=None, choices=SCHEDULES,
                    help="relaxation schedule (default: the preset's, or the checkpoint's)")
     p.add_argument("--checkpoint", help="an ep-train run folder or checkpoint.pt: check the trained weights")
     p.add_argument("--dataset", default="digits")

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from . import distributed as _dist
 from .data import DATASETS, load_dataset
+from .engine import SCHEDULES
 from .presets import PRESETS, build_network
 
 # The defaults are the tuned configuration of the default run (small ConvNet, bundled digits,
@@ -136,7 +137,7 @@ def make_parser():
                    help="nudging strength (default: %(default)s)")
     g.add_argument("--nudging", choices=("symmetric", "one-sided", "random-sign"), default=d["nudging"],
                    help="default: %(default)s")
-    g.add_argument("--schedule", choices=("synchronous", "alternating"), default=d["schedule"],
+    g.add_argument("--schedule", choices=SCHEDULES, default=d["schedule"],
                    help="relaxation step: all layers from the same old states, or odd-numbered layers then "
                         "even-numbered ones (converges where synchronous updates oscillate) (default: "
                         "alternating for the deep presets vgg11/13/16 and deep8, synchronous otherwise)")

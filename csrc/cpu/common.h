@@ -175,4 +175,28 @@ inline void check_state_update_shapes(const at::Tensor& drive, const c10::option
   }
 }
 
+
+// state_update's operands as both backends take them: each present one passes the backend's
+// device check ``on_device(t, name)`` and check_state_update_shapes, then is made contiguous
+// (an absent one stays undefined). ``out`` is checked, not copied: the kernels write it.
+struct StateUpdateOperands {
+  at::Tensor drive, top_down, nudge, prev;
+};
+
+template <typename OnDevice>
+inline StateUpdateOperands state_update_operands(const at::Tensor& drive, const c10::optional<at::Tensor>& top_down,
+                                                 const c10::optional<at::Tensor>& nudge,
+                                                 const c10::optional<at::Tensor>& prev, const at::Tensor& out,
+                                                 OnDevice on_device) {
+  auto present = [](const c10::optional<at::Tensor>& t) { return t.has_value() && t->defined(); };
+  on_device(drive, "drive");
+  on_device(out, "out");
+  if (present(top_down)) on_device(*top_down, "top_down");
+  if (present(nudge)) on_device(*nudge, "nudge");
+  if (present(prev)) on_device(*prev, "prev");
+  check_state_update_shapes(drive, top_down, nudge, prev, out);
+  auto contiguous = [&](const c10::optional<at::Tensor>& t) { return present(t) ? t->contiguous() : at::Tensor(); };
+  return {drive.contiguous(), contiguous(top_down), contiguous(nudge), contiguous(prev)};
+}
+
 }  // namespace ep_kernels

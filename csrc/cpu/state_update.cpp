@@ -175,22 +175,10 @@ acc_t state_update_loop(const scalar_t* drive, const scalar_t* td, const scalar_
 at::Tensor state_update_cpu(const at::Tensor& drive, const c10::optional<at::Tensor>& top_down,
                             const c10::optional<at::Tensor>& nudge,
                             const c10::optional<at::Tensor>& prev, double gain, at::Tensor& out) {
-  const bool has_td = top_down.has_value() && top_down->defined();
-  const bool has_nudge = nudge.has_value() && nudge->defined();
-  const bool has_prev = prev.has_value() && prev->defined();
-  auto on_device = [&](const at::Tensor& t, const char* name) {
+  const auto ops = state_update_operands(drive, top_down, nudge, prev, out, [](const at::Tensor& t, const char* name) {
     check_cpu(t, "state_update", name);
-  };
-  on_device(drive, "drive");
-  on_device(out, "out");
-  if (has_td) on_device(*top_down, "top_down");
-  if (has_nudge) on_device(*nudge, "nudge");
-  if (has_prev) on_device(*prev, "prev");
-  check_state_update_shapes(drive, top_down, nudge, prev, out);
-  auto d = drive.contiguous();
-  auto t = has_td ? top_down->contiguous() : at::Tensor();
-  auto g = has_nudge ? nudge->contiguous() : at::Tensor();
-  auto p = has_prev ? prev->contiguous() : at::Tensor();
+  });
+  const at::Tensor &d = ops.drive, &t = ops.top_down, &g = ops.nudge, &p = ops.prev;
   // A non-contiguous out is computed in a temporary and copied back.
   at::Tensor o = out.is_contiguous() ? out : at::empty_like(d);
   const int64_t n = d.numel();

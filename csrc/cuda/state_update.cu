@@ -78,24 +78,13 @@ __global__ void state_update_kernel(const scalar_t* __restrict__ drive, const sc
 at::Tensor state_update_cuda(const at::Tensor& drive, const c10::optional<at::Tensor>& top_down,
                              const c10::optional<at::Tensor>& nudge, const c10::optional<at::Tensor>& prev,
                              double gain, at::Tensor& out) {
-  const bool has_td = top_down.has_value() && top_down->defined();
-  const bool has_nudge = nudge.has_value() && nudge->defined();
-  const bool has_prev = prev.has_value() && prev->defined();
-  auto on_device = [&](const at::Tensor& t, const char* name) {
+  const auto ops = state_update_operands(drive, top_down, nudge, prev, out, [&](const at::Tensor& t, const char* name) {
     check_cuda(t, "state_update", name);
     check_same_device(t, drive, "state_update", name, "drive");
-  };
-  on_device(drive, "drive");
-  on_device(out, "out");
-  if (has_td) on_device(*top_down, "top_down");
-  if (has_nudge) on_device(*nudge, "nudge");
-  if (has_prev) on_device(*prev, "prev");
-  check_state_update_shapes(drive, top_down, nudge, prev, out);
+  });
   c10::cuda::CUDAGuard guard(drive.device());
-  auto d = drive.contiguous();
-  auto t = has_td ? top_down->contiguous() : at::Tensor();
-  auto g = has_nudge ? nudge->contiguous() : at::Tensor();
-  auto p = has_prev ? prev->contiguous() : at::Tensor();
+  const at::Tensor &d = ops.drive, &t = ops.top_down, &g = ops.nudge, &p = ops.prev;
+  const bool has_prev = p.defined();
   at::Tensor o = out.is_contiguous() ? out : at::empty_like(d);
   const int64_t n = d.numel();
   const int blocks = blocks_for(n, 1024);

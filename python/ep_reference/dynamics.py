@@ -162,7 +162,7 @@ def step(ref, x, states, y=None, beta=0.0, params=None, create_graph=False, teac
     states (BPTT); otherwise the new states are detached.
     """
     halves = [range(len(states))]
-    if getattr(ref, "schedule", "synchronous") == "alternating":
+    if ref.schedule == "alternating":
         halves = [range(0, len(states), 2), range(1, len(states), 2)]
     new = list(states)
     for which in halves:
