@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from ep_kernels.distributed import GradientReducer, shard_bounds
-from ep_kernels.presets import build_network
+from ep_kernels.models import build_network
 
 
 def main():

@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from ep_kernels.presets import build_network
+from ep_kernels.models import build_network
 
 from conftest import record
 

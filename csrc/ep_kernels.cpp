@@ -1,6 +1,7 @@
 // Op schemas of ep_kernels, registered with the PyTorch dispatcher.
 // One name per op serves every device; each backend registers its kernels in its own file
-// (cpu/*.cpp now; cuda/*.cu later) with TORCH_LIBRARY_IMPL.
+// (cpu/*.cpp, cuda/*.cu) with TORCH_LIBRARY_IMPL; every kernel first checks the op's contract
+// (checks.h, the same as the Python meta functions of ep_kernels/ops/_meta.py).
 #include <Python.h>
 #include <torch/library.h>
 
@@ -11,19 +12,16 @@ extern "C" PyObject* PyInit__C(void) {
 }
 
 TORCH_LIBRARY(ep_kernels, m) {
-  // The fake (meta) kernels are Python (torch.library.register_fake) in this module; torch
-  // imports it when a fake kernel is needed and checks that the registrations come from it.
-  m.set_python_module("ep_kernels.ops._fake");
+  // The fake (meta) kernels are Python, registered (torch.library.register_fake) by this
+  // module; torch imports it when a fake kernel is needed and checks that they come from it.
+  m.set_python_module("ep_kernels.ops._library");
   m.def(
       "conv_pool_drive(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding, "
       "int[2] dilation, int groups, int pool) -> (Tensor, Tensor)");
   m.def(
       "pool_conv_transpose(Tensor s, Tensor indices, Tensor weight, int[2] input_size, "
       "int[2] conv_out_size, int[2] stride, int[2] padding, int[2] dilation, int groups, "
-      "int pool, Tensor? packed_weight=None) -> Tensor");
-  // The weight layout pool_conv_transpose's sparse kernel reads (float32/float64): pack once
-  // per weight update and pass it as packed_weight, instead of packing on every call.
-  m.def("pack_top_down_weight(Tensor weight) -> Tensor");
+      "int pool) -> Tensor");
   m.def(
       "state_update(Tensor drive, Tensor? top_down, Tensor? nudge, Tensor? prev, float gain, "
       "Tensor(a!) out) -> Tensor");

@@ -3,7 +3,8 @@
     from ep_kernels import EPConv2d, EPLinear, EPNetwork
 """
 from ._backend import available_backends, backend_for, use_backend
-from .engine import EPResult, RelaxationDiverged
+from .engine import EPResult
+from .relaxation import RelaxationDiverged
 from .layers import EPConv2d, EPLinear
 from .network import EPNetwork
 

@@ -18,20 +18,14 @@ import contextlib
 import importlib.util
 import os
 import sys
-import threading
 import warnings
 
 from . import _ext
+from ._context import ThreadLocalStack
 
 BACKENDS = ("reference", "cpu", "triton", "cuda")
-_state = threading.local()
+_requested = ThreadLocalStack()  # backend names of the enclosing use_backend blocks, this thread
 _warned_fallback = False
-
-
-def _stack():
-    if not hasattr(_state, "stack"):
-        _state.stack = []
-    return _state.stack
 
 
 def _validate(name):
@@ -43,19 +37,15 @@ def _validate(name):
 @contextlib.contextmanager
 def use_backend(name: str):
     """Run the ops inside the block on backend ``name`` (no fallback)."""
-    _validate(name)
-    _stack().append(name)
-    try:
+    with _requested.pushed(_validate(name)):
         yield
-    finally:
-        _stack().pop()
 
 
 def requested_backend():
     """The backend asked for by name (context manager or env var), or None."""
-    st = _stack()
-    if st:
-        return st[-1]
+    name = _requested.top()
+    if name is not None:
+        return name
     env = os.environ.get("EP_KERNELS_BACKEND", "").strip()
     if env:
         if env not in BACKENDS:

@@ -15,14 +15,14 @@ convergence checks are captured once as a CUDA graph and replayed:
   gain, the intermediate signals, the teacher's target shapes;
 - on-device convergence test: the graph ends with each layer's max |s_t - s_{t-1}| (reduced
   on the device) in one small static tensor, which the host reads once per chunk, i.e. every
-  ``check_every`` steps, never per step. Same rule as the eager loop (``engine.relax``): stop
+  ``check_every`` steps, never per step. Same rule as the eager loop (``relaxation.relax``): stop
   at the first check where every change is below ``tol``; a NaN raises ``RelaxationDiverged``.
 
 So the graph path takes the same steps, in the same order, with the same kernels as the eager
 path, and gives the same states (bitwise: a replay runs the captured kernels on the same
-addresses). A step is the eager loop's own (``engine.STEPS``, either schedule); on CPU the
+addresses). A step is the eager loop's own (``relaxation.STEPS``, either schedule); on CPU the
 chunk logic runs without capture (``capture=False``), which is how the tests check it against
-``engine.relax``.
+``relaxation.relax``.
 
 Use: ``with ep_kernels.cuda_graphs.use_cuda_graphs(): net.ep_backward(x, y)`` (or
 ``EP_KERNELS_CUDA_GRAPHS=1``) with the network and data on a GPU; pair it with a GPU backend
@@ -30,18 +30,14 @@ Use: ``with ep_kernels.cuda_graphs.use_cuda_graphs(): net.ep_backward(x, y)`` (o
 """
 import contextlib
 import os
-import threading
 
 import torch
 
+from ._backend import backend_for
+from ._context import ThreadLocalStack
+from .relaxation import STEPS, PhaseReport, check_residuals, make_nudge_fn, prepare_layers
 
-_state = threading.local()
-
-
-def _stack():
-    if not hasattr(_state, "stack"):
-        _state.stack = []
-    return _state.stack
+_settings = ThreadLocalStack()  # (enabled, capture) of the enclosing use_cuda_graphs blocks, this thread
 
 
 @contextlib.contextmanager
@@ -49,25 +45,22 @@ def use_cuda_graphs(enabled: bool = True, capture: bool = True):
     """Run relaxation phases on CUDA tensors as captured CUDA graphs inside the block.
     ``capture=False`` runs the same chunked runner without capturing (for debugging, or to
     wrap its step in another tool such as ``torch.compile``)."""
-    _stack().append((bool(enabled), bool(capture)))
-    try:
+    with _settings.pushed((bool(enabled), bool(capture))):
         yield
-    finally:
-        _stack().pop()
 
 
 def enabled() -> bool:
     """Whether phases on CUDA tensors use CUDA graphs: the innermost ``use_cuda_graphs``, else
     ``EP_KERNELS_CUDA_GRAPHS=1``."""
-    st = _stack()
-    if st:
-        return st[-1][0]
+    top = _settings.top()
+    if top is not None:
+        return top[0]
     return os.environ.get("EP_KERNELS_CUDA_GRAPHS", "").strip() == "1"
 
 
 def _capture_default(x):
-    st = _stack()
-    return x.is_cuda and (st[-1][1] if st else True)
+    top = _settings.top()
+    return x.is_cuda and (top[1] if top is not None else True)
 
 
 def active_for(x) -> bool:
@@ -120,7 +113,7 @@ def _prepared_key(prepared):
 
 
 def _static_prepared(prepared):
-    """Static copies of the layers' prepared weights (cast or packed per call: new tensors
+    """Static copies of the layers' prepared weights (detached or cast per call: new tensors
     each time), refreshed by ``_load_prepared`` before every phase."""
     return [p._replace(**{f: torch.empty_like(getattr(p, f)) for f in p._fields
                           if isinstance(getattr(p, f), torch.Tensor)}) for p in prepared]
@@ -139,8 +132,6 @@ class _PhaseRunner:
 
     def __init__(self, layers, plan, batch, gain, shapes, prepared, first_drive, make_nudge=None, nudge_inputs=None,
                  capture=True, schedule="synchronous"):
-        from .engine import STEPS
-
         self.layers, self.gain, self.shapes = layers, gain, shapes
         self.step = STEPS[schedule]
         self.prepared = _static_prepared(prepared)
@@ -204,8 +195,6 @@ class _PhaseRunner:
         return resid.tolist()
 
     def run(self, steps, tol, check_every, phase):
-        from .engine import PhaseReport, check_residuals
-
         L = len(self.layers)
         if steps <= 0:
             return self.bufs, PhaseReport(steps=0, residual=[0.0] * L, converged=False)
@@ -231,8 +220,6 @@ def _runner(plan, kind, key, factory):
 
 
 def _backend_key(x):
-    from ._backend import backend_for
-
     return backend_for(x.device)
 
 
@@ -240,8 +227,6 @@ def _phase_setup(layers, plan, x, gain, capture, schedule, prepared, first_drive
     """What both phases' runners start from: the capture choice, the prepared weights, the
     first layer's drive, the input shapes of every synapse, and the part of the runner key
     that both phases share."""
-    from .engine import prepare_layers
-
     capture = _capture_default(x) if capture is None else capture
     if prepared is None:
         prepared = prepare_layers(layers)
@@ -272,8 +257,6 @@ def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=N
 def nudged_phase(net, plan, x, y, teacher, s_star, betas, T, gain, tol=None, check_every=10, first_drive=None,
                  prepared=None, capture=None, schedule="synchronous"):
     """``engine.nudged_phase`` with captured chunks."""
-    from .engine import make_nudge_fn
-
     layers = net.layers
     capture, prepared, first_drive, shapes, key = _phase_setup(layers, plan, x, gain, capture, schedule, prepared,
                                                                first_drive)

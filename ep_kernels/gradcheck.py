@@ -20,7 +20,7 @@ import torch
 
 import ep_reference
 
-from .engine import SCHEDULES
+from .relaxation import SCHEDULES
 from .network import EPNetwork
 
 
@@ -183,7 +183,7 @@ def _parse_floats(text, name):
 
 def main(argv=None):
     from .data import load_dataset
-    from .presets import build_network
+    from .models import build_network
 
     p = argparse.ArgumentParser(prog="ep-gradcheck", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="small", help="network preset (see ep-train --help)")
@@ -245,7 +245,7 @@ def main(argv=None):
 
 
 def _load_checkpoint(path, data):
-    from .presets import build_network
+    from .models import build_network
 
     if os.path.isdir(path):
         path = os.path.join(path, "checkpoint.pt")

@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from . import ops
 
 
+
 class Prepared(NamedTuple):
     """A synapse's parameters as relaxation uses them, made once per call (weights are fixed
-    while the states relax): cast to the compute dtype, and packed for the top-down kernel."""
+    while the states relax): detached, and cast to the compute dtype if one is given."""
     weight: torch.Tensor
     bias: Optional[torch.Tensor]
-    packed: Optional[torch.Tensor]
     compute_dtype: Optional[torch.dtype]
 
 
@@ -73,8 +73,7 @@ class EPConv2d(nn.Conv2d):
                     groups=self.groups)
 
     def conv_out_size(self, hw):
-        p, d, k, s = self._padding_pair(), self.dilation, self.kernel_size, self.stride
-        return [(hw[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2)]
+        return ops.conv_out_size(hw, self.kernel_size, self.stride, self._padding_pair(), self.dilation)
 
     def state_shape(self, in_shape):
         """(C_out, H, W) of this layer's state for an input state of shape ``in_shape``."""
@@ -89,12 +88,10 @@ class EPConv2d(nn.Conv2d):
         return (self.out_channels, h // self.pool, w // self.pool)
 
     def prepare(self, compute_dtype=None):
-        """Weights for relaxation: optionally cast to ``compute_dtype`` (e.g. bfloat16, with
-        float32 states), and packed for the compiled top-down kernel when it will run."""
-        w = _cast(self.weight.detach(), compute_dtype)
-        packed = ops.pack_top_down_weight(w) if self.pool > 1 else None
-        return Prepared(w, _cast(None if self.bias is None else self.bias.detach(), compute_dtype), packed,
-                        compute_dtype)
+        """Weights for relaxation: detached, optionally cast to ``compute_dtype`` (e.g.
+        bfloat16, with float32 states)."""
+        return Prepared(_cast(self.weight.detach(), compute_dtype),
+                        _cast(None if self.bias is None else self.bias.detach(), compute_dtype), compute_dtype)
 
     def drive(self, s_prev, prep=None):
         if prep is None:
@@ -107,7 +104,7 @@ class EPConv2d(nn.Conv2d):
         w = self.weight if prep is None else prep.weight
         out = ops.pool_conv_transpose(_cast(s, None if prep is None else prep.compute_dtype), indices, w,
                                       list(prev_shape[1:]), self.conv_out_size(prev_shape[1:]), pool=self.pool,
-                                      packed_weight=None if prep is None else prep.packed, **self.conv_args())
+                                      **self.conv_args())
         return out.to(s.dtype)
 
     def accumulate_contrastive_grad(self, x_a, s_a, idx_a, x_b, s_b, idx_b, scale):
@@ -134,7 +131,7 @@ class EPLinear(nn.Linear):
 
     def prepare(self, compute_dtype=None):
         return Prepared(_cast(self.weight.detach(), compute_dtype),
-                        _cast(None if self.bias is None else self.bias.detach(), compute_dtype), None, compute_dtype)
+                        _cast(None if self.bias is None else self.bias.detach(), compute_dtype), compute_dtype)
 
     def drive(self, s_prev, prep=None):
         if prep is None:

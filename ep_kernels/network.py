@@ -8,7 +8,7 @@ import numbers
 import torch
 import torch.nn as nn
 
-from . import engine
+from . import engine, relaxation
 from .intermediate import IntermediateSignal
 from .layers import EPConv2d, EPLinear
 
@@ -52,10 +52,10 @@ class EPNetwork(nn.Module):
                 raise TypeError(f"layer {i} must be EPConv2d or EPLinear, got {type(layer).__name__}")
         if readout is not None and not isinstance(readout, nn.Linear):
             raise TypeError(f"readout must be an nn.Linear or None, got {type(readout).__name__}")
-        if activation not in engine.ACTIVATION_GAIN:
-            raise ValueError(f"activation must be one of {sorted(engine.ACTIVATION_GAIN)}, got {activation!r}")
-        if nudging not in engine.NUDGING:
-            raise ValueError(f"nudging must be one of {engine.NUDGING}, got {nudging!r}")
+        if activation not in relaxation.ACTIVATION_GAIN:
+            raise ValueError(f"activation must be one of {sorted(relaxation.ACTIVATION_GAIN)}, got {activation!r}")
+        if nudging not in relaxation.NUDGING:
+            raise ValueError(f"nudging must be one of {relaxation.NUDGING}, got {nudging!r}")
         self.schedule = schedule
         self.layers = nn.ModuleList(layers)
         self.readout = readout
@@ -87,8 +87,8 @@ class EPNetwork(nn.Module):
 
     @schedule.setter
     def schedule(self, value):
-        if value not in engine.SCHEDULES:
-            raise ValueError(f"schedule must be one of {engine.SCHEDULES}, got {value!r}")
+        if value not in relaxation.SCHEDULES:
+            raise ValueError(f"schedule must be one of {relaxation.SCHEDULES}, got {value!r}")
         self._schedule = value
 
     @property
@@ -146,13 +146,14 @@ class EPNetwork(nn.Module):
             if not torch.isfinite(p).all():
                 raise ValueError(f"parameter {name} contains NaN or infinite values")
 
-    def _plan(self, x):
+    def plan_for(self, x):
+        """The relaxation plan (state shapes and buffers) for inputs shaped like ``x``, cached."""
         p = self._param()
         key = (tuple(x.shape), p.dtype, p.device)
         if key not in self._plans:
             if len(self._plans) > 8:  # a few shapes (train batch, last batch, eval) in practice
                 self._plans.clear()
-            self._plans[key] = engine.Plan(self.layers, x.shape, p.dtype, p.device)
+            self._plans[key] = relaxation.Plan(self.layers, x.shape, p.dtype, p.device)
         return self._plans[key]
 
     # -- the three things users call ----------------------------------------------------
@@ -161,10 +162,10 @@ class EPNetwork(nn.Module):
         self._check_x(x)
         T1 = self.T1 if T1 is None else _check_steps("T1", T1)
         with torch.no_grad():
-            gain = engine.ACTIVATION_GAIN[self.activation]
-            states, rep = engine.free_phase(self.layers, self._plan(x), x, T1, gain,
+            gain = relaxation.ACTIVATION_GAIN[self.activation]
+            states, rep = engine.free_phase(self.layers, self.plan_for(x), x, T1, gain,
                                             tol if tol is not None else self.tol, self.check_every,
-                                            prepared=engine.prepare_layers(self.layers, self.compute_dtype),
+                                            prepared=relaxation.prepare_layers(self.layers, self.compute_dtype),
                                             schedule=self.schedule)
             return [s.clone() for s in states], rep
 
@@ -193,8 +194,8 @@ class EPNetwork(nn.Module):
         T1 = self.T1 if T1 is None else _check_steps("T1", T1)
         T2 = self.T2 if T2 is None else _check_steps("T2", T2)
         nudging = self.nudging if nudging is None else nudging
-        if nudging not in engine.NUDGING:
-            raise ValueError(f"nudging must be one of {engine.NUDGING}, got {nudging!r}")
+        if nudging not in relaxation.NUDGING:
+            raise ValueError(f"nudging must be one of {relaxation.NUDGING}, got {nudging!r}")
         return engine.ep_backward(self, x, y, beta, T1, T2, nudging, tol if tol is not None else self.tol,
                                   self.check_every, keep_states, teacher)
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .engine import ACTIVATION_GAIN
+from .relaxation import ACTIVATION_GAIN
 
 
 class Teacher(nn.Module):
@@ -30,7 +30,7 @@ class Teacher(nn.Module):
     def like(cls, net, seed=None):
         """A freshly initialised teacher with ``net``'s topology (same layer classes and
         arguments: EP layers' ``forward`` is the feed-forward synapse ``P(W * x + b)``), and
-        for a deep preset its initialisation scheme (``presets.centred_init_``)."""
+        for a deep preset its initialisation scheme (``models.centred_init_``)."""
         if net.readout is None:
             raise ValueError("a teacher needs an EP network with a readout (cross-entropy mode)")
         if seed is not None:
@@ -41,7 +41,7 @@ class Teacher(nn.Module):
             m.reset_parameters()
         scale = getattr(net, "centred_init_scale", None)
         if scale is not None:  # a deep preset: the same initialisation scheme as the EP network
-            from .presets import centred_init_
+            from .models import centred_init_
 
             centred_init_(layers, scale)
         return cls(layers, readout, net.activation)

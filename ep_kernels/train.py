@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 from . import distributed as _dist
 from .data import DATASETS, load_dataset
-from .engine import SCHEDULES
-from .presets import PRESETS, build_network
+from .relaxation import SCHEDULES
+from .models import PRESETS, build_network
 
 # The defaults are the tuned configuration of the default run (small ConvNet, bundled digits,
 # shift augmentation, 1 thread). Measured on a 2-core CPU: 2.2 min, 98.9% test accuracy (EP);
@@ -114,7 +114,7 @@ def make_parser():
     g.add_argument("--init-scale", type=_typed(float, 0, strict=True), default=d["init_scale"],
                    help="multiply PyTorch's default initial weights (default: 1; deep presets: 3 with "
                         "hardsigmoid_half, 1.5 with hardsigmoid, on filters centred per output channel, see "
-                        "ep_kernels/presets.py)")
+                        "ep_kernels/models.py)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", choices=DATASETS, default=d["dataset"],
                    help="digits (bundled, no download) or a torchvision dataset in --data-dir "
@@ -395,7 +395,7 @@ def _add_signal_options(p):
 
 def _check_signal_options(cfg):
     """Parsed signal kinds, layers and weights of ``cfg``; UsageError on bad combinations."""
-    from .presets import parse_signal_kinds, parse_signal_layers
+    from .models import parse_signal_kinds, parse_signal_layers
     try:
         kinds = parse_signal_kinds(cfg["signals"])
         layers = parse_signal_layers(cfg["signal_layers"])
@@ -426,7 +426,7 @@ def _check_signal_options(cfg):
 def _attach_signals(cfg, net):
     """Attach the configured signals to ``net`` (before the optimizer is built, so their heads
     and maps get their own parameter group) and record what was attached in ``cfg``."""
-    from .presets import build_signals
+    from .models import build_signals
     kinds, layers, lambdas = _check_signal_options(cfg)
     if not kinds:
         cfg["signals_used"] = []

@@ -28,7 +28,7 @@ import torch
 
 import ep_reference
 from ep_kernels.data import load_dataset
-from ep_kernels.presets import build_network, build_signals, default_signal_layers
+from ep_kernels.models import build_network, build_signals, default_signal_layers
 from ep_kernels.teacher import Teacher, train_teacher
 
 
@@ -73,7 +73,7 @@ def main(argv=None):
     p.add_argument("--preset", default="deep8")
     p.add_argument("--width", type=float, default=0.5)
     p.add_argument("--init-scale", type=float, default=None,
-                   help="initial weight scale (default: the preset's, see ep_kernels/presets.py)")
+                   help="initial weight scale (default: the preset's, see ep_kernels/models.py)")
     p.add_argument("--schedule", choices=("synchronous", "alternating"), default=None,
                    help="relaxation schedule (default: the preset's)")
     p.add_argument("--tag", default="", help="suffix of the output files (vanishing_nudge<tag>.*)")

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-# Relative tolerances of the compiled ops against their references (see tests/test_ops.py).
-RTOL = {torch.float32: 1e-5, torch.float64: 1e-12}
+
+
 
 
 @pytest.fixture

@@ -11,9 +11,9 @@ import torch
 
 import ep_kernels
 import ep_kernels.ops as ops
-from ep_kernels import RelaxationDiverged, _backend, cuda_graphs, engine, use_backend
-from helpers import grads, make_batch, make_net
-from op_cases import CONV_CASES, _conv_setup, _random_window_indices, _state, _assert_close_scaled
+from ep_kernels import RelaxationDiverged, _backend, cuda_graphs, engine, relaxation, use_backend
+from ep_kernels.testing import grads, make_batch, small_net
+from ep_kernels.testing import CONV_CASES, conv_setup, random_window_indices, random_state, assert_close_scaled
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -43,14 +43,14 @@ def _same_states(a, b):
 @pytest.mark.parametrize("T,check_every,tol", [(7, 3, None), (6, 2, None), (1, 10, None), (40, 5, 1e-3), (0, 3, None)])
 @pytest.mark.parametrize("kind", ["conv_pool", "mixed"])
 def test_free_phase_chunks_match_eager(kind, T, check_every, tol):
-    net = make_net(kind, torch.float64, seed=3)
+    net = small_net(kind, torch.float64, seed=3)
     x, _ = make_batch(n=3, dtype=torch.float64, seed=4)
-    gain = engine.ACTIVATION_GAIN[net.activation]
+    gain = relaxation.ACTIVATION_GAIN[net.activation]
     with torch.no_grad():
-        plan = net._plan(x)
+        plan = net.plan_for(x)
         s_eager, rep_eager = engine.free_phase(net.layers, plan, x, T, gain, tol, check_every)
         s_eager = [s.clone() for s in s_eager]
-        plan2 = engine.Plan(net.layers, x.shape, x.dtype, x.device)
+        plan2 = relaxation.Plan(net.layers, x.shape, x.dtype, x.device)
         for _ in range(2):  # the second run reuses the runner
             s_graph, rep_graph = cuda_graphs.free_phase(net.layers, plan2, x, T, gain, tol, check_every,
                                                         capture=False)
@@ -62,17 +62,17 @@ def test_free_phase_chunks_match_eager(kind, T, check_every, tol):
 
 @pytest.mark.parametrize("T,check_every", [(5, 2), (4, 4)])
 def test_nudged_phase_chunks_match_eager(T, check_every):
-    net = make_net("conv_pool", torch.float64, seed=5)
+    net = small_net("conv_pool", torch.float64, seed=5)
     x, y = make_batch(n=3, dtype=torch.float64, seed=6)
-    gain = engine.ACTIVATION_GAIN[net.activation]
+    gain = relaxation.ACTIVATION_GAIN[net.activation]
     betas = torch.tensor([0.3, -0.3, 0.5], dtype=torch.float64)
     with torch.no_grad():
-        plan = net._plan(x)
+        plan = net.plan_for(x)
         s_star, _ = engine.free_phase(net.layers, plan, x, 8, gain)
         s_star = [s.clone() for s in s_star]
         s_e, rep_e = engine.nudged_phase(net, plan, x, y, None, s_star, betas, T, gain, None, check_every)
         s_e = [s.clone() for s in s_e]
-        plan2 = engine.Plan(net.layers, x.shape, x.dtype, x.device)
+        plan2 = relaxation.Plan(net.layers, x.shape, x.dtype, x.device)
         for b in (betas, betas.flip(0)):  # new y/beta values flow through the static inputs
             s_g, rep_g = cuda_graphs.nudged_phase(net, plan2, x, y, None, s_star, b, T, gain, None, check_every,
                                                   capture=False)
@@ -84,12 +84,12 @@ def test_nudged_phase_chunks_match_eager(T, check_every):
 
 
 def test_runner_recreated_when_parameters_are_replaced():
-    net = make_net("conv_pool", torch.float64, seed=5)
+    net = small_net("conv_pool", torch.float64, seed=5)
     x, y = make_batch(n=2, dtype=torch.float64, seed=6)
-    gain = engine.ACTIVATION_GAIN[net.activation]
+    gain = relaxation.ACTIVATION_GAIN[net.activation]
     betas = torch.full((2,), 0.4, dtype=torch.float64)
     with torch.no_grad():
-        plan = net._plan(x)
+        plan = net.plan_for(x)
         s_star = [torch.rand((2,) + s, dtype=torch.float64) for s in plan.state_shapes]
         cuda_graphs.nudged_phase(net, plan, x, y, None, s_star, betas, 3, gain, capture=False)
         r1 = plan._cuda_graph_runners[("nudged", 2)][1]
@@ -102,12 +102,12 @@ def test_runner_recreated_when_parameters_are_replaced():
 
 
 def test_runner_reports_divergence():
-    net = make_net("conv_pool", torch.float64, seed=5)
+    net = small_net("conv_pool", torch.float64, seed=5)
     x, _ = make_batch(n=2, dtype=torch.float64, seed=6)
     x[0, 0, 0, 0] = float("nan")
-    gain = engine.ACTIVATION_GAIN[net.activation]
+    gain = relaxation.ACTIVATION_GAIN[net.activation]
     with torch.no_grad():
-        plan = net._plan(x)
+        plan = net.plan_for(x)
         with pytest.raises(RelaxationDiverged, match="free phase: state of layer 0 became NaN at step 3"):
             cuda_graphs.free_phase(net.layers, plan, x, 9, gain, None, 3, capture=False)
         with pytest.raises(RelaxationDiverged, match="free phase: state of layer 0 became NaN at step 3"):
@@ -118,7 +118,7 @@ def test_runner_reports_divergence():
 def test_ep_backward_through_the_graph_path_matches_eager(nudging, monkeypatch):
     """The engine's hook, taken on CPU (the runner then runs its chunks eagerly): the same
     gradients, bitwise, and the same diagnostics."""
-    net = make_net("conv_pool", torch.float64, seed=7)
+    net = small_net("conv_pool", torch.float64, seed=7)
     x, y = make_batch(n=3, dtype=torch.float64, seed=8)
     net.zero_grad(set_to_none=True)
     r_e = net.ep_backward(x, y, beta=0.3, T1=9, T2=4, nudging=nudging, tol=1e-9)
@@ -178,7 +178,7 @@ def _require(backend):
 def test_gpu_ops_match_reference(case, backend, gen):
     _require(backend)
     dtype = torch.float64
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(case, dtype, gen)
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup(case, dtype, gen)
     n, cout = x.shape[0], weight.shape[0]
     x, weight, bias = x.cuda(), weight.cuda(), bias.cuda()
     with use_backend(backend):
@@ -186,13 +186,13 @@ def test_gpu_ops_match_reference(case, backend, gen):
     rd, ri = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
     torch.testing.assert_close(d, rd, rtol=1e-12, atol=1e-12)
     assert torch.equal(i, ri)
-    s = _state(gen, (n, cout, hc // pool, wc // pool), dtype).cuda()
-    idx = (_random_window_indices(gen, n, cout, hc, wc, pool) if pool > 1 else torch.empty(0, dtype=torch.int64)).cuda()
+    s = random_state(gen, (n, cout, hc // pool, wc // pool), dtype).cuda()
+    idx = (random_window_indices(gen, n, cout, hc, wc, pool) if pool > 1 else torch.empty(0, dtype=torch.int64)).cuda()
     args = (list(x.shape[2:]), [hc, wc])
     with use_backend(backend):
         out = ops.pool_conv_transpose(s, idx, weight, *args, pool=pool, **conv)
     ref = ops.pool_conv_transpose_ref(s, idx, weight, *args, pool=pool, **conv)
-    _assert_close_scaled(out, ref, ops.pool_conv_transpose_ref(s.abs(), idx, weight.abs(), *args, pool=pool, **conv),
+    assert_close_scaled(out, ref, ops.pool_conv_transpose_ref(s.abs(), idx, weight.abs(), *args, pool=pool, **conv),
                          1e-12)
     gw, gw_ref = torch.zeros_like(weight), torch.zeros_like(weight)
     gb, gb_ref = torch.zeros_like(bias), torch.zeros_like(bias)
@@ -215,7 +215,7 @@ def test_gpu_ops_match_reference(case, backend, gen):
 @pytest.mark.parametrize("backend", ["reference"] + GPU_BACKENDS)
 def test_cuda_graphs_match_eager_on_gpu(backend):
     _require(backend)
-    net = make_net("conv_pool", torch.float64, seed=7).cuda()
+    net = small_net("conv_pool", torch.float64, seed=7).cuda()
     x, y = make_batch(n=3, dtype=torch.float64, seed=8)
     x, y = x.cuda(), y.cuda()
     out = {}

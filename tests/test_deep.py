@@ -9,7 +9,7 @@ import torch
 from ep_kernels import train
 from ep_kernels.intermediate import FeatureDistillation, LocalClassifier, LogitDistillation
 from ep_kernels.layers import EPConv2d
-from ep_kernels.presets import build_network, build_signals, default_signal_layers
+from ep_kernels.models import build_network, build_signals, default_signal_layers
 from ep_kernels.teacher import Teacher, load_teacher, save_teacher
 
 torch.set_num_threads(1)

@@ -6,12 +6,12 @@ import os
 import torch
 
 from ep_kernels.gradcheck import gradcheck, main
-from helpers import make_batch, make_net
+from ep_kernels.testing import make_batch, small_net
 
 
 def test_gradcheck_two_pooled_convs_float64():
     """The issue's bar: cosine >= 0.9999 per tensor, float64, beta 1e-3, converged phases."""
-    net = make_net("conv_pool", torch.float32, seed=2)  # gradcheck casts a copy to float64
+    net = small_net("conv_pool", torch.float32, seed=2)  # gradcheck casts a copy to float64
     x, y = make_batch(n=6, dtype=torch.float32, seed=21)
     r = gradcheck(net, x, y, beta=1e-3, T1=250, T2=60, dtype=torch.float64, gdu=True)
     assert max(r["residual"]["free"]) < 1e-12 and max(r["residual"]["nudged"]) < 1e-12

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import ep_reference
 from ep_kernels import EPConv2d, EPLinear, EPNetwork, RelaxationDiverged, use_backend
-from helpers import cosine, grads, make_batch, make_net, relerr
+from ep_kernels.testing import cosine, grads, make_batch, small_net, relerr
 
 KINDS = ["conv_pool", "conv_nopool", "mixed", "linear"]
 BACKENDS = ["reference", "cpu"]
@@ -20,7 +20,7 @@ def _flat(kind):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", KINDS)
 def test_free_phase_matches_reference(kind, dtype, backend):
-    net = make_net(kind, dtype, seed=3, activation="hardsigmoid")
+    net = small_net(kind, dtype, seed=3, activation="hardsigmoid")
     x, _ = make_batch(dtype=dtype, seed=4, flat=_flat(kind))
     ref = ep_reference.ReferenceNet.from_module(net)
     with use_backend(backend):
@@ -36,7 +36,7 @@ def test_free_phase_matches_reference(kind, dtype, backend):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_pool_ties_broken_like_max_pool2d(backend):
     # Zero input: at the first steps every position of a window holds the bias, an exact tie.
-    net = make_net("conv_pool", torch.float64, seed=5)
+    net = small_net("conv_pool", torch.float64, seed=5)
     x = torch.zeros(3, 2, 8, 8, dtype=torch.float64)
     ref = ep_reference.ReferenceNet.from_module(net)
     for T in (1, 2, 3):
@@ -64,7 +64,7 @@ def test_ep_matches_bptt_float64(seed, backend):
     Holds where no max-pool winner or clamp boundary switches between s+ and s- (with
     seed 1 one unit crosses the clamp boundary and cosine drops to 0.9995; ep-gradcheck
     reports such switches, see test_gradcheck.py)."""
-    net = make_net("conv_pool", torch.float64, seed=seed)
+    net = small_net("conv_pool", torch.float64, seed=seed)
     x, y = make_batch(n=5, seed=seed + 10)
     with use_backend(backend):
         res, g_ep, g_bptt = _ep_vs_bptt(net, x, y, 1e-3, 250, 80)
@@ -75,7 +75,7 @@ def test_ep_matches_bptt_float64(seed, backend):
 
 
 def test_fast_bptt_matches_independent_bptt():
-    net = make_net("conv_pool", torch.float64, seed=2)
+    net = small_net("conv_pool", torch.float64, seed=2)
     x, y = make_batch(seed=7)
     net.zero_grad(set_to_none=True)
     net.bptt_backward(x, y, T1=15)  # unconverged on purpose: BPTT is exact for any T1
@@ -86,7 +86,7 @@ def test_fast_bptt_matches_independent_bptt():
 
 
 def test_fast_ep_matches_independent_ep():
-    net = make_net("mixed", torch.float64, seed=4)
+    net = small_net("mixed", torch.float64, seed=4)
     x, y = make_batch(seed=8)
     net.zero_grad(set_to_none=True)
     net.ep_backward(x, y, beta=0.3, T1=40, T2=12)  # large beta, unconverged: still the same arithmetic
@@ -98,7 +98,7 @@ def test_fast_ep_matches_independent_ep():
 
 @pytest.mark.parametrize("nudging", ["one-sided", "random-sign"])
 def test_one_sided_nudging_close_to_bptt(nudging):
-    net = make_net("conv_pool", torch.float64, seed=1)
+    net = small_net("conv_pool", torch.float64, seed=1)
     x, y = make_batch(n=5, seed=11)
     torch.manual_seed(0)
     _, g_ep, g_bptt = _ep_vs_bptt(net, x, y, 1e-4, 250, 80, nudging)
@@ -107,7 +107,7 @@ def test_one_sided_nudging_close_to_bptt(nudging):
 
 
 def test_symmetric_bias_smaller_than_one_sided():
-    net = make_net("linear", torch.float64, seed=6)
+    net = small_net("linear", torch.float64, seed=6)
     x, y = make_batch(seed=12, flat=True)
     _, g_sym, g_bptt = _ep_vs_bptt(net, x, y, 0.05, 300, 150, "symmetric")
     _, g_one, _ = _ep_vs_bptt(net, x, y, 0.05, 300, 150, "one-sided")
@@ -116,7 +116,7 @@ def test_symmetric_bias_smaller_than_one_sided():
 
 
 def test_mse_mode_ep_matches_bptt():
-    net = make_net("linear", torch.float64, seed=2, mse=True)
+    net = small_net("linear", torch.float64, seed=2, mse=True)
     x, y = make_batch(seed=13, flat=True)
     _, g_ep, g_bptt = _ep_vs_bptt(net, x, y, 1e-4, 300, 150)
     assert net.mode == "mse"
@@ -125,7 +125,7 @@ def test_mse_mode_ep_matches_bptt():
 
 
 def test_grads_accumulate_and_optimizer_steps():
-    net = make_net("conv_pool", torch.float32, seed=0)
+    net = small_net("conv_pool", torch.float32, seed=0)
     x, y = make_batch(dtype=torch.float32, seed=14)
     net.ep_backward(x, y, T1=10, T2=4)
     g1 = grads(net)
@@ -140,17 +140,17 @@ def test_grads_accumulate_and_optimizer_steps():
 
 
 def test_state_buffers_reused_across_calls():
-    net = make_net("conv_pool", torch.float32)
+    net = small_net("conv_pool", torch.float32)
     x, y = make_batch(dtype=torch.float32)
     net.ep_backward(x, y, T1=3, T2=2)
-    plan = net._plan(x)
+    plan = net.plan_for(x)
     ptrs = [b.data_ptr() for pair in plan.buffers(x.shape[0]) for b in pair]
     net.ep_backward(x, y, T1=3, T2=2)
-    assert ptrs == [b.data_ptr() for pair in net._plan(x).buffers(x.shape[0]) for b in pair]
+    assert ptrs == [b.data_ptr() for pair in net.plan_for(x).buffers(x.shape[0]) for b in pair]
 
 
 def test_early_stopping_with_tol():
-    net = make_net("conv_pool", torch.float64, seed=1)
+    net = small_net("conv_pool", torch.float64, seed=1)
     x, y = make_batch(seed=15)
     states, rep = net.free_phase(x, T1=500, tol=1e-9)
     assert rep.converged and rep.steps < 500
@@ -173,7 +173,7 @@ def test_state_dict_moves_to_plain_layers():
 # -- errors ---------------------------------------------------------------------------
 @pytest.fixture
 def small():
-    return make_net("conv_pool", torch.float32), *make_batch(dtype=torch.float32)
+    return small_net("conv_pool", torch.float32), *make_batch(dtype=torch.float32)
 
 
 def test_errors_bad_inputs(small):
@@ -235,7 +235,7 @@ def test_nonfinite_parameters_and_diverging_states(small):
 
 
 def test_bfloat16_compute_keeps_float32_states_close():
-    net = make_net("conv_pool", torch.float32, seed=2)
+    net = small_net("conv_pool", torch.float32, seed=2)
     x, y = make_batch(dtype=torch.float32, seed=16)
     exact, _ = net.free_phase(x, T1=30)
     net.compute_dtype = torch.bfloat16

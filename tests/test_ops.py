@@ -1,12 +1,11 @@
 """The four EP ops: compiled 'cpu' backend against the plain-torch references, opcheck,
-backend selection and the errors bad input gets (from the wrappers and from the C++ kernels).
+and backend selection (the errors bad input gets: tests/test_op_errors.py).
 
 Inputs are fresh random values from seeded generators (never zeros) over a spread of shapes:
 odd sizes, padding 0/1/2, kernels 3 and 5 (and rectangular), batch 1, channel counts that are
 not multiples of 8, stride and dilation 2, groups 2, pool 1/2/3 on sizes not divisible by the
 pool, non-contiguous (transposed / sliced) inputs; float32 and float64.
 """
-import importlib
 import os
 import subprocess
 import sys
@@ -18,13 +17,15 @@ import torch
 import ep_kernels
 import ep_kernels.ops as ops
 from ep_kernels import _backend, use_backend
-from conftest import RTOL
-from op_cases import (CASE_IDS, CONV_CASES, _assert_close_scaled, _conv_setup, _rand, _state,
+from ep_kernels.ops import _library
+from ep_kernels.testing import RTOL
+from ep_kernels.testing import (CASE_IDS, CONV_CASES, assert_close_scaled, conv_setup, rand, random_state,
                       check_contrastive_conv_grad, check_conv_pool_drive, check_pool_conv_transpose,
                       check_state_update, check_state_update_noncontiguous)
 
 # No skip when the extension is missing: it is part of the install, so its absence must fail
 # here (with the loader's reason), not pass unnoticed.
+ops.load_compiled()
 C = torch.ops.ep_kernels
 
 # --------------------------------------------------------------------------------------------
@@ -34,11 +35,11 @@ C = torch.ops.ep_kernels
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
 def test_conv_pool_drive_matches_ref(case, layout, dtype, gen):
-    check_conv_pool_drive("cpu", "cpu", case, layout, dtype, gen, contiguous_out=True)
+    check_conv_pool_drive("cpu", "cpu", dtype, case, gen, layout)
 
 
 def test_conv_pool_drive_no_bias(gen):
-    x, weight, _, conv, pool, _ = _conv_setup(CONV_CASES[0], torch.float64, gen)
+    x, weight, _, conv, pool, _ = conv_setup(CONV_CASES[0], torch.float64, gen)
     with use_backend("cpu"):
         d, i = ops.conv_pool_drive(x, weight, None, pool=pool, **conv)
     rd, ri = ops.conv_pool_drive_ref(x, weight, None, pool=pool, **conv)
@@ -51,8 +52,8 @@ def test_conv_pool_drive_ties_like_max_pool2d(pool, dtype, gen):
     """Exact ties: zero input + bias (every window position holds the bias, as at the first
     step from zero states), and small-integer convolutions (exact arithmetic, many ties)."""
     n, cin, cout, h, w = 2, 3, 5, 9, 10
-    weight = _rand(gen, cout, cin, 3, 3, dtype=dtype, lo=-1, hi=1)
-    bias = _rand(gen, cout, dtype=dtype, lo=-1, hi=1)
+    weight = rand(gen, cout, cin, 3, 3, dtype=dtype, lo=-1, hi=1)
+    bias = rand(gen, cout, dtype=dtype, lo=-1, hi=1)
     x = torch.zeros(n, cin, h, w, dtype=dtype)
     x[1, :, 4, 5] = 1.0  # one image with a bump: ties only away from it
     for xx, ww in ((x, weight), (torch.randint(0, 2, (n, cin, h, w), generator=gen).to(dtype),
@@ -71,7 +72,7 @@ def test_conv_pool_drive_ties_like_max_pool2d(pool, dtype, gen):
 
 
 def test_conv_pool_drive_nan_like_max_pool2d(gen):
-    x, weight, bias, conv, pool, _ = _conv_setup(CONV_CASES[0], torch.float32, gen)
+    x, weight, bias, conv, pool, _ = conv_setup(CONV_CASES[0], torch.float32, gen)
     x[0, 1, 4, 4] = float("nan")
     with use_backend("cpu"):
         d, i = ops.conv_pool_drive(x, weight, bias, pool=pool, **conv)
@@ -88,7 +89,7 @@ def test_conv_pool_drive_nan_like_max_pool2d(gen):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
 def test_pool_conv_transpose_matches_ref(case, layout, dtype, gen):
-    check_pool_conv_transpose("cpu", "cpu", case, layout, dtype, gen, contiguous_out=True)
+    check_pool_conv_transpose("cpu", "cpu", dtype, case, gen, layout)
 
 
 @pytest.mark.parametrize("case", CONV_CASES[:3] + [(2, 70, 100, 6, 7, 3, 1, 1, 1, 1, 2), (1, 40, 90, 7, 6, 5, 2, 1, 1, 2, 2)],
@@ -96,51 +97,57 @@ def test_pool_conv_transpose_matches_ref(case, layout, dtype, gen):
 def test_pool_conv_transpose_with_real_argmax(case, dtype, gen):
     """Indices from the drive itself (the engine's use), both backends end to end; the last
     cases have several output-channel blocks and input-channel chunks in the sparse kernel."""
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(case, dtype, gen)
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup(case, dtype, gen)
     _, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
-    s = _state(gen, (x.shape[0], weight.shape[0], hc // pool, wc // pool), dtype)
+    s = random_state(gen, (x.shape[0], weight.shape[0], hc // pool, wc // pool), dtype)
     args = (list(x.shape[2:]), [hc, wc])
     with use_backend("cpu"):
         out = ops.pool_conv_transpose(s, idx, weight, *args, pool=pool, **conv)
     with use_backend("reference"):
         ref = ops.pool_conv_transpose(s, idx, weight, *args, pool=pool, **conv)
     scale = ops.pool_conv_transpose_ref(s.abs(), idx, weight.abs(), *args, pool=pool, **conv)
-    _assert_close_scaled(out, ref, scale, RTOL[dtype])
+    assert_close_scaled(out, ref, scale, RTOL[dtype])
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[5], CONV_CASES[7], (2, 70, 30, 6, 7, 3, 1, 1, 1, 1, 2)],
                          ids=["case0", "case5_groups", "case7_rect", "many_channels"])
-def test_pool_conv_transpose_packed_weight(case, dtype, gen):
-    """A weight packed once gives the same result as packing on every call."""
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(case, dtype, gen)
+def test_pool_conv_transpose_packing_follows_the_weight(case, dtype, gen):
+    """The compiled kernel keeps its packing of a weight across calls and makes a new one
+    whenever the weight's bytes change: in place (an optimizer step), through ``.data``
+    (which no version counter sees, as gradcheck's finite differences do), or another tensor."""
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup(case, dtype, gen)
     _, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
-    s = _state(gen, idx.shape, dtype)
-    args = (s, idx, weight, list(x.shape[2:]), [hc, wc])
-    with use_backend("cpu"):
-        packed = ops.pack_top_down_weight(weight)
-        assert packed is not None and packed.dim() == 1
-        out = ops.pool_conv_transpose(*args, pool=pool, packed_weight=packed, **conv)
-        out2 = ops.pool_conv_transpose(*args, pool=pool, **conv)
-    assert torch.equal(out, out2)
-    with use_backend("reference"):
-        assert ops.pack_top_down_weight(weight) is None
-        ref = ops.pool_conv_transpose(*args, pool=pool, packed_weight=packed, **conv)  # ignored
-    scale = ops.pool_conv_transpose_ref(s.abs(), idx, weight.abs(), *args[3:], pool=pool, **conv)
-    _assert_close_scaled(out, ref, scale, RTOL[dtype])
-    with use_backend("cpu"):
-        assert ops.pack_top_down_weight(weight.bfloat16()) is None
-        with pytest.raises(RuntimeError, match="packed_weight has shape"):
-            ops.pool_conv_transpose(*args, pool=pool, packed_weight=packed[:-1], **conv)
-        with pytest.raises(TypeError, match="packed_weight must have dtype"):
-            ops.pool_conv_transpose(*args, pool=pool, packed_weight=packed.to(torch.float16), **conv)
+    s = random_state(gen, idx.shape, dtype)
+    sizes = (list(x.shape[2:]), [hc, wc])
+
+    def check(w):
+        with use_backend("cpu"):
+            out = ops.pool_conv_transpose(s, idx, w, *sizes, pool=pool, **conv)
+        ref = ops.pool_conv_transpose_ref(s, idx, w, *sizes, pool=pool, **conv)
+        scale = ops.pool_conv_transpose_ref(s.abs(), idx, w.abs(), *sizes, pool=pool, **conv)
+        assert_close_scaled(out, ref, scale, RTOL[dtype])
+        return out
+
+    first = check(weight)
+    assert torch.equal(check(weight), first)  # the kept packing
+    with torch.no_grad():
+        weight.mul_(-0.5).add_(0.01)  # in place: the version counter moves
+    check(weight)
+    weight.data[0, 0, 0, 0] += 1.0  # through .data: only the bytes tell
+    check(weight)
+    check(weight.clone() * 0.3)  # another tensor
+    check(weight.transpose(2, 3).contiguous().transpose(2, 3))  # other strides, same values
+    with torch.inference_mode():
+        w_inf = weight * 1.5
+    check(w_inf)
 
 
 def test_results_do_not_depend_on_thread_count(gen):
     """Each task owns its output slice / partial sums in a fixed order: bitwise reproducible."""
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup((4, 20, 40, 8, 9, 3, 1, 1, 1, 1, 2), torch.float32, gen)
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup((4, 20, 40, 8, 9, 3, 1, 1, 1, 1, 2), torch.float32, gen)
     _, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
-    s = _state(gen, idx.shape, torch.float32)
-    x_b = _rand(gen, *x.shape, dtype=torch.float32)
+    s = random_state(gen, idx.shape, torch.float32)
+    x_b = rand(gen, *x.shape, dtype=torch.float32)
     c = (conv["stride"], conv["padding"], conv["dilation"], conv["groups"], pool, -0.5)
     results = []
     old = torch.get_num_threads()
@@ -210,21 +217,21 @@ def test_lower_isa_code_paths(isa):
 
 def test_pool_conv_transpose_index_outside_window(gen):
     """The sparse kernel needs max-pool indices (each inside its own window); others are refused."""
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(CONV_CASES[0], torch.float32, gen)
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup(CONV_CASES[0], torch.float32, gen)
     _, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
-    s = _state(gen, idx.shape, torch.float32)
+    s = random_state(gen, idx.shape, torch.float32)
     bad = idx.clone()
     bad[1, 2, 1, 1] = idx[1, 2, 1, 2]  # a valid plane position, but in the neighbouring window
-    with use_backend("cpu"), pytest.raises(RuntimeError, match=r"indices\[1, 2, 1, 1\] .* outside its 2x2"):
+    with use_backend("cpu"), pytest.raises(ValueError, match=r"indices\[1, 2, 1, 1\] .* outside its 2x2"):
         ops.pool_conv_transpose(s, bad, weight, list(x.shape[2:]), [hc, wc], pool=pool, **conv)
 
 
 @pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
 def test_pool_conv_transpose_low_precision_dense_path(dt, gen):
     """bf16/fp16 take the dense ATen path: the same calls as the reference."""
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(CONV_CASES[0], torch.float32, gen)
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup(CONV_CASES[0], torch.float32, gen)
     _, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
-    s = _state(gen, idx.shape, torch.float32).to(dt)
+    s = random_state(gen, idx.shape, torch.float32).to(dt)
     w = weight.to(dt)
     with use_backend("cpu"):
         out = ops.pool_conv_transpose(s, idx, w, list(x.shape[2:]), [hc, wc], pool=pool, **conv)
@@ -234,10 +241,10 @@ def test_pool_conv_transpose_low_precision_dense_path(dt, gen):
 
 def test_pool_conv_transpose_is_the_gradient_of_phi(gen):
     """W^T U(s) = d<s, P(W*x + b)>/dx with the argmax fixed (DESIGN.md, section 2)."""
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(CONV_CASES[0], torch.float64, gen)
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup(CONV_CASES[0], torch.float64, gen)
     x.requires_grad_(True)
     d, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
-    s = _state(gen, d.shape, torch.float64)
+    s = random_state(gen, d.shape, torch.float64)
     (g,) = torch.autograd.grad((s * d).sum(), x)
     with use_backend("cpu"):
         td = ops.pool_conv_transpose(s, idx, weight, list(x.shape[2:]), [hc, wc], pool=pool, **conv)
@@ -252,20 +259,20 @@ def test_pool_conv_transpose_is_the_gradient_of_phi(gen):
 @pytest.mark.parametrize("gain", [1.0, 0.3])
 @pytest.mark.parametrize("parts", ["all", "no_top_down", "no_nudge", "drive_only"])
 def test_state_update_matches_ref(shape, gain, parts, dtype, gen):
-    check_state_update("cpu", "cpu", shape, gain, parts, dtype, gen)
+    check_state_update("cpu", "cpu", dtype, shape, gain, parts, gen)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 def test_state_update_noncontiguous(layout, dtype, gen):
-    check_state_update_noncontiguous("cpu", "cpu", layout, dtype, gen)
+    check_state_update_noncontiguous("cpu", "cpu", dtype, layout, gen)
 
 
 @pytest.mark.parametrize("backend", ["cpu", "reference"])
 def test_state_update_propagates_nan(backend, dtype, gen):
     shape = (3, 4, 5, 5)
-    drive = _rand(gen, *shape, dtype=dtype, lo=-1, hi=2)
+    drive = rand(gen, *shape, dtype=dtype, lo=-1, hi=2)
     drive[1, 2, 3, 4] = float("nan")
-    prev = _rand(gen, *shape, dtype=dtype)
+    prev = rand(gen, *shape, dtype=dtype)
     out = torch.empty(shape, dtype=dtype)
     with use_backend(backend):
         ch = ops.state_update(drive, None, None, prev, 1.0, out)
@@ -273,10 +280,10 @@ def test_state_update_propagates_nan(backend, dtype, gen):
     assert ch.isnan()
     # NaN in the top-down or the nudge propagates the same way; so does one in prev
     for kw in ("td", "nudge", "prev"):
-        d = _rand(gen, *shape, dtype=dtype)
-        extra = _rand(gen, *shape, dtype=dtype)
+        d = rand(gen, *shape, dtype=dtype)
+        extra = rand(gen, *shape, dtype=dtype)
         extra[0, 0, 0, 0] = float("nan")
-        args = dict(td=None, nudge=None, prev=_rand(gen, *shape, dtype=dtype))
+        args = dict(td=None, nudge=None, prev=rand(gen, *shape, dtype=dtype))
         args[kw] = extra
         with use_backend(backend):
             ch = ops.state_update(d, args["td"], args["nudge"], args["prev"], 1.0, out)
@@ -290,27 +297,33 @@ def test_state_update_propagates_nan(backend, dtype, gen):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("case", CONV_CASES + [(3, 70, 24, 6, 7, 3, 1, 1, 1, 1, 2)], ids=CASE_IDS + ["many_channels"])
 def test_contrastive_conv_grad_matches_ref(case, layout, dtype, gen):
-    check_contrastive_conv_grad("cpu", "cpu", case, layout, dtype, gen)
+    check_contrastive_conv_grad("cpu", "cpu", dtype, case, gen, layout)
 
 
-def test_contrastive_conv_grad_index_outside_window(gen):
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(CONV_CASES[0], torch.float32, gen)
+@pytest.mark.parametrize("where", ["live", "zero_state"])
+def test_contrastive_conv_grad_index_outside_window(where, gen):
+    """Every index is checked, also where the state is 0 (the kernel skips those positions
+    in its sums, but an index outside its window is a wrong input there too)."""
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup(CONV_CASES[0], torch.float32, gen)
     s, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
-    bad = idx.clone()
-    bad[0, 1, 2, 2] = idx[0, 1, 2, 3]
+    s_b = s.flip(0).clone()
+    bad = idx.flip(0).clone()
+    bad[0, 1, 2, 2] = bad[0, 1, 2, 3]
+    if where == "zero_state":
+        s_b[0, 1, 2, 2] = 0.0
     gw, gb = torch.ones_like(weight), torch.ones_like(bias)
-    args = (x, s, idx, x.flip(0), s.flip(0), bad, [hc, wc], conv["stride"], conv["padding"], conv["dilation"],
+    args = (x, s, idx, x.flip(0), s_b, bad, [hc, wc], conv["stride"], conv["padding"], conv["dilation"],
             conv["groups"], pool, -0.5, gw, gb)
-    with use_backend("cpu"), pytest.raises(RuntimeError, match="outside its 2x2 pooling window"):
+    with use_backend("cpu"), pytest.raises(ValueError, match=r"idx_b\[0, 1, 2, 2\] = .* outside its 2x2 pooling window"):
         ops.contrastive_conv_grad(*args)
     assert (gw == 1).all() and (gb == 1).all()  # nothing written on error
 
 
 @pytest.mark.parametrize("dt", [torch.bfloat16])
 def test_contrastive_conv_grad_low_precision_dense_path(dt, gen):
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(CONV_CASES[0], torch.float32, gen)
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup(CONV_CASES[0], torch.float32, gen)
     s, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
-    x, s = x.to(dt), _state(gen, s.shape, torch.float32).to(dt)
+    x, s = x.to(dt), random_state(gen, s.shape, torch.float32).to(dt)
     gw, gw_ref = torch.zeros_like(weight, dtype=dt), torch.zeros_like(weight, dtype=dt)
     args = (x, s, idx, x.flip(0), s.flip(0), idx.flip(0), [hc, wc], conv["stride"], conv["padding"],
             conv["dilation"], conv["groups"], pool, -0.5)
@@ -325,7 +338,7 @@ def test_contrastive_conv_grad_low_precision_dense_path(dt, gen):
 # --------------------------------------------------------------------------------------------
 
 def _small_conv_args(gen, dtype=torch.float64, pool=2):
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup((2, 3, 4, 7, 6, 3, 1, 1, 1, 1, pool), dtype, gen)
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup((2, 3, 4, 7, 6, 3, 1, 1, 1, 1, pool), dtype, gen)
     c = [conv["stride"], conv["padding"], conv["dilation"], conv["groups"]]
     return x, weight, bias, c, pool, [hc, wc]
 
@@ -345,19 +358,15 @@ def test_opcheck_conv_pool_drive(pool, requires_grad, gen):
 def test_opcheck_pool_conv_transpose(pool, requires_grad, gen):
     x, weight, bias, c, pool, hw = _small_conv_args(gen, pool=pool)
     _, idx = ops.conv_pool_drive_ref(x, weight, bias, *c, pool)
-    s = _state(gen, (x.shape[0], weight.shape[0], hw[0] // pool, hw[1] // pool), torch.float64)
+    s = random_state(gen, (x.shape[0], weight.shape[0], hw[0] // pool, hw[1] // pool), torch.float64)
     if requires_grad:
         s, weight = s.requires_grad_(), weight.requires_grad_()
     torch.library.opcheck(C.pool_conv_transpose, (s, idx, weight, list(x.shape[2:]), hw, *c, pool))
-    packed = C.pack_top_down_weight(weight.detach())
-    torch.library.opcheck(C.pool_conv_transpose, (s, idx, weight, list(x.shape[2:]), hw, *c, pool, packed))
-    if not requires_grad:
-        torch.library.opcheck(C.pack_top_down_weight, (weight,))
 
 
 def test_opcheck_state_update(gen):
     shape = (2, 3, 4, 5)
-    d, t, g, p = (_rand(gen, *shape, dtype=torch.float64, lo=-1, hi=2) for _ in range(4))
+    d, t, g, p = (rand(gen, *shape, dtype=torch.float64, lo=-1, hi=2) for _ in range(4))
     for args in ((d, t, g, p), (d, None, None, None), (d, t, None, p)):
         torch.library.opcheck(C.state_update, (*args, 0.5, torch.empty(shape, dtype=torch.float64)))
 
@@ -367,7 +376,7 @@ def test_opcheck_contrastive_conv_grad(pool, gen):
     x, weight, bias, c, pool, hw = _small_conv_args(gen, pool=pool)
     _, idx = ops.conv_pool_drive_ref(x, weight, bias, *c, pool)
     sp = (x.shape[0], weight.shape[0], hw[0] // pool, hw[1] // pool)
-    s_a, s_b = _state(gen, sp, torch.float64), _state(gen, sp, torch.float64)
+    s_a, s_b = random_state(gen, sp, torch.float64), random_state(gen, sp, torch.float64)
     for gb in (torch.zeros_like(bias), None):
         torch.library.opcheck(C.contrastive_conv_grad,
                               (x, s_a, idx, x.flip(0), s_b, idx, hw, *c, pool, -0.5, torch.zeros_like(weight), gb))
@@ -389,7 +398,7 @@ def test_compiled_ops_autograd_matches_reference(gen):
     x, weight, bias, c, pool, hw = _small_conv_args(gen, pool=2)
     leaves = [t.clone().requires_grad_() for t in (x, weight, bias)]
     d, idx = C.conv_pool_drive(*leaves, *c, pool)
-    s = _state(gen, d.shape, torch.float64).requires_grad_()
+    s = random_state(gen, d.shape, torch.float64).requires_grad_()
     td = C.pool_conv_transpose(s, idx, leaves[1], list(x.shape[2:]), hw, *c, pool)
     (d.square().sum() + (td * x.flip(0)).sum()).backward()
     leaves_r = [t.clone().requires_grad_() for t in (x, weight, bias)]
@@ -403,7 +412,7 @@ def test_compiled_ops_autograd_matches_reference(gen):
     xs, ws, bs, cs, _, hws = _small_conv_args(gen, pool=2)
     xs, ws = xs[:1, :2], ws[:2, :2].contiguous()
     _, ids = ops.conv_pool_drive_ref(xs, ws, None, *cs, 2)
-    ss = _state(gen, ids.shape, torch.float64, zero_frac=0.0)
+    ss = random_state(gen, ids.shape, torch.float64, zero_frac=0.0)
     torch.autograd.gradcheck(lambda s_, w_: C.pool_conv_transpose(s_, ids, w_, list(xs.shape[2:]), hws, *cs, 2),
                              (ss.requires_grad_(), ws.clone().requires_grad_()), fast_mode=True)
     torch.autograd.gradcheck(lambda x_, w_: C.conv_pool_drive(x_, w_, None, *cs, 2)[0],
@@ -411,7 +420,7 @@ def test_compiled_ops_autograd_matches_reference(gen):
 
 
 def test_inplace_ops_refuse_grad(gen):
-    d = _rand(gen, 2, 3, dtype=torch.float64).requires_grad_()
+    d = rand(gen, 2, 3, dtype=torch.float64).requires_grad_()
     with use_backend("cpu"), pytest.raises(RuntimeError, match="drive requires grad"):
         ops.state_update(d, None, None, None, 1.0, torch.empty(2, 3, dtype=torch.float64))
     with use_backend("cpu"), torch.no_grad():
@@ -423,16 +432,15 @@ def test_inplace_ops_refuse_grad(gen):
 # --------------------------------------------------------------------------------------------
 
 def _spy_compiled(monkeypatch, module_name):
-    """Record whether the wrapper in ``module_name`` calls its compiled op."""
-    mod = importlib.import_module(f"ep_kernels.ops.{module_name}")
+    """Record which compiled ops the wrappers call."""
     calls = []
-    real = mod.compiled_op
+    real = _library.compiled_op
 
     def spy(name):
         calls.append(name)
         return real(name)
 
-    monkeypatch.setattr(mod, "compiled_op", spy)
+    monkeypatch.setattr(_library, "compiled_op", spy)
     return calls
 
 
@@ -510,152 +518,3 @@ def test_cpu_backend_unavailable_is_an_error(no_backend_env, monkeypatch):
     monkeypatch.setattr(ep_kernels._ext, "_LOAD_ERROR", "simulated: not built")
     with use_backend("cpu"), pytest.raises(RuntimeError, match="not built"):
         ops.state_update(*_su_args())
-
-
-# --------------------------------------------------------------------------------------------
-# errors from the wrappers (ValueError / TypeError naming the argument)
-# --------------------------------------------------------------------------------------------
-
-def _drive_args(gen, dtype=torch.float32):
-    x, weight, bias, conv, pool, hw = _conv_setup(CONV_CASES[0], dtype, gen)
-    return x, weight, bias, conv, pool, hw
-
-
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_conv_pool_drive_errors(backend, gen):
-    x, w, b, conv, pool, _ = _drive_args(gen)
-    with use_backend(backend):
-        with pytest.raises(ValueError, match="x must have 4 dimensions"):
-            ops.conv_pool_drive(x[0], w, b, pool=pool, **conv)
-        with pytest.raises(TypeError, match="weight must have dtype"):
-            ops.conv_pool_drive(x, w.double(), b, pool=pool, **conv)
-        with pytest.raises(TypeError, match="x must be a floating-point"):
-            ops.conv_pool_drive(x.long(), w.long(), None, pool=pool, **conv)
-        with pytest.raises(ValueError, match="channels"):
-            ops.conv_pool_drive(x[:, :2], w, b, pool=pool, **conv)
-        with pytest.raises(ValueError, match="bias has 4 entries"):
-            ops.conv_pool_drive(x, w, b[:4], pool=pool, **conv)
-        with pytest.raises(ValueError, match="pool"):
-            ops.conv_pool_drive(x, w, b, pool=0, **conv)
-        with pytest.raises(ValueError, match="too small for pool"):
-            ops.conv_pool_drive(x[..., :3, :3], w, b, padding=0, pool=2)
-        with pytest.raises(ValueError, match="stride"):
-            ops.conv_pool_drive(x, w, b, stride=0, pool=2)
-        with pytest.raises(TypeError, match="x must be a torch.Tensor"):
-            ops.conv_pool_drive(x.tolist(), w, b)
-        with pytest.raises(ValueError, match="weight must have 4 dimensions"):
-            ops.pack_top_down_weight(w[0])
-
-
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_pool_conv_transpose_errors(backend, gen):
-    x, w, b, conv, pool, hw = _drive_args(gen)
-    d, idx = ops.conv_pool_drive_ref(x, w, b, pool=pool, **conv)
-    ins = list(x.shape[2:])
-    with use_backend(backend):
-        with pytest.raises(TypeError, match="indices must have dtype torch.int64"):
-            ops.pool_conv_transpose(d, idx.int(), w, ins, hw, pool=pool, **conv)
-        with pytest.raises(ValueError, match="indices shape"):
-            ops.pool_conv_transpose(d, idx[:1], w, ins, hw, pool=pool, **conv)
-        with pytest.raises(ValueError, match="s has 4 channels"):
-            ops.pool_conv_transpose(d[:, :4], idx[:, :4], w, ins, hw, pool=pool, **conv)
-        with pytest.raises(ValueError, match="s spatial size"):
-            ops.pool_conv_transpose(d[..., :2], idx[..., :2], w, ins, hw, pool=pool, **conv)
-        with pytest.raises(ValueError, match="conv_out_size"):
-            ops.pool_conv_transpose(d, idx, w, ins, [hw[0] + 2, hw[1]], pool=pool, **conv)
-        with pytest.raises(TypeError, match="weight must have dtype"):
-            ops.pool_conv_transpose(d, idx, w.double(), ins, hw, pool=pool, **conv)
-        with pytest.raises(ValueError, match="s must have 4 dimensions"):
-            ops.pool_conv_transpose(d[0], idx, w, ins, hw, pool=pool, **conv)
-
-
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_state_update_errors(backend, gen):
-    d = _rand(gen, 2, 3, 4, dtype=torch.float32)
-    out = torch.empty_like(d)
-    with use_backend(backend):
-        with pytest.raises(ValueError, match="top_down shape"):
-            ops.state_update(d, d[:1], None, None, 1.0, out)
-        with pytest.raises(TypeError, match="nudge must have dtype"):
-            ops.state_update(d, None, d.double(), None, 1.0, out)
-        with pytest.raises(TypeError, match="drive must be a floating-point"):
-            ops.state_update(d.long(), None, None, None, 1.0, out.long())
-        with pytest.raises(ValueError, match="out must not alias prev"):
-            ops.state_update(d, None, None, out, 1.0, out)
-        big = torch.rand(4, 3, 4)
-        with pytest.raises(ValueError, match="out must not alias prev"):
-            ops.state_update(d, None, None, big[1:3], 1.0, big[:2])  # partial overlap
-        ops.state_update(d, None, None, big[2:], 1.0, big[:2])  # same storage, disjoint: fine
-        with pytest.raises(TypeError, match="out must be a torch.Tensor"):
-            ops.state_update(d, None, None, None, 1.0, None)
-
-
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_contrastive_conv_grad_errors(backend, gen):
-    x, w, b, conv, pool, hw = _drive_args(gen)
-    s, idx = ops.conv_pool_drive_ref(x, w, b, pool=pool, **conv)
-    c = (hw, conv["stride"], conv["padding"], conv["dilation"], conv["groups"], pool, -0.5)
-    gw, gb = torch.zeros_like(w), torch.zeros_like(b)
-    with use_backend(backend):
-        with pytest.raises(ValueError, match="s_a shape .* != s_b shape"):
-            ops.contrastive_conv_grad(x, s, idx, x, s[:1], idx[:1], *c, gw, gb)
-        with pytest.raises(TypeError, match="idx_b must have dtype torch.int64"):
-            ops.contrastive_conv_grad(x, s, idx, x, s, idx.int(), *c, gw, gb)
-        with pytest.raises(TypeError, match="x_b must have dtype"):
-            ops.contrastive_conv_grad(x, s, idx, x.double(), s, idx, *c, gw, gb)
-        with pytest.raises(ValueError, match="grad_bias has 3 entries"):
-            ops.contrastive_conv_grad(x, s, idx, x, s, idx, *c, gw, gb[:3])
-        with pytest.raises(ValueError, match="conv_out_size"):
-            ops.contrastive_conv_grad(x, s, idx, x, s, idx, [hw[0] + 1, hw[1]], *c[1:], gw, gb)
-        with pytest.raises(ValueError, match="grad_weight must have 4 dimensions"):
-            ops.contrastive_conv_grad(x, s, idx, x, s, idx, *c, gw[0], gb)
-
-
-# --------------------------------------------------------------------------------------------
-# errors from the C++ kernels themselves (torch.ops called directly): RuntimeError, no crash
-# --------------------------------------------------------------------------------------------
-
-def test_kernels_check_their_inputs(gen):
-    x, w, b, conv, pool, hw = _drive_args(gen)
-    cv = [conv["stride"], conv["padding"], conv["dilation"], conv["groups"]]
-    d, idx = ops.conv_pool_drive_ref(x, w, b, *cv, pool)
-    ins = list(x.shape[2:])
-    bad = [
-        ("x must have 4 dimensions", lambda: C.conv_pool_drive(x[0], w, b, *cv, pool)),
-        ("weight has dtype Double", lambda: C.conv_pool_drive(x, w.double(), b, *cv, pool)),
-        ("bias has 4 entries", lambda: C.conv_pool_drive(x, w, b[:4], *cv, pool)),
-        ("x must be a floating-point", lambda: C.conv_pool_drive(x.long(), w.long(), None, *cv, pool)),
-        ("pool must be >= 1", lambda: C.conv_pool_drive(x, w, b, *cv, 0)),
-        ("stride must be >= 1", lambda: C.conv_pool_drive(x, w, b, [0, 1], *cv[1:], pool)),
-        ("channels", lambda: C.conv_pool_drive(x[:, :2], w, b, *cv, pool)),
-        ("too small for pool", lambda: C.conv_pool_drive(x[..., :2, :2], w, b, [1, 1], [0, 0], [1, 1], 1, 2)),
-        ("indices must have dtype int64", lambda: C.pool_conv_transpose(d, idx.int(), w, ins, hw, *cv, pool)),
-        ("indices has shape", lambda: C.pool_conv_transpose(d, idx[:1], w, ins, hw, *cv, pool)),
-        ("s has 4 channels", lambda: C.pool_conv_transpose(d[:, :4], idx[:, :4], w, ins, hw, *cv, pool)),
-        ("s must have 4 dimensions", lambda: C.pool_conv_transpose(d[0], idx[0], w, ins, hw, *cv, pool)),
-        ("conv_out_size", lambda: C.pool_conv_transpose(d, idx, w, ins, [hw[0] + 3, hw[1]], *cv, pool)),
-        ("weight has dtype Double", lambda: C.pool_conv_transpose(d, idx, w.double(), ins, hw, *cv, pool)),
-        ("outside its 2x2 pooling window", lambda: C.pool_conv_transpose(d, idx + 10 ** 6, w, ins, hw, *cv, pool)),
-        ("pack_top_down_weight: weight must be float32 or float64", lambda: C.pack_top_down_weight(w.half())),
-        ("weight must have 4 dimensions", lambda: C.pack_top_down_weight(w[0])),
-        ("packed_weight has dtype Double", lambda: C.pool_conv_transpose(d, idx, w, ins, hw, *cv, pool,
-                                                                         C.pack_top_down_weight(w).double())),
-        ("top_down has shape", lambda: C.state_update(d, d[:1], None, None, 1.0, torch.empty_like(d))),
-        ("nudge has dtype Double", lambda: C.state_update(d, None, d.double(), None, 1.0, torch.empty_like(d))),
-        ("out has shape", lambda: C.state_update(d, None, None, None, 1.0, d[:1].clone())),
-        ("must not alias", lambda: C.state_update(d, None, None, d, 1.0, d)),
-        ("drive must be a floating-point", lambda: C.state_update(idx, None, None, None, 1.0, idx.clone())),
-        ("s_a has shape", lambda: C.contrastive_conv_grad(x, d, idx, x, d[:1], idx[:1], hw, *cv, pool, 1.0,
-                                                          torch.zeros_like(w), None)),
-        ("idx_b must have dtype int64", lambda: C.contrastive_conv_grad(x, d, idx, x, d, idx.int(), hw, *cv, pool,
-                                                                        1.0, torch.zeros_like(w), None)),
-        ("grad_bias has 3 entries", lambda: C.contrastive_conv_grad(x, d, idx, x, d, idx, hw, *cv, pool, 1.0,
-                                                                    torch.zeros_like(w), b[:3].clone())),
-        ("outside its 2x2 pooling window", lambda: C.contrastive_conv_grad(
-            x, d, idx, x, d, idx + 10 ** 6, hw, *cv, pool, 1.0, torch.zeros_like(w), None)),
-        ("x_b has dtype Double", lambda: C.contrastive_conv_grad(x, d, idx, x.double(), d, idx, hw, *cv, pool, 1.0,
-                                                                 torch.zeros_like(w), None)),
-    ]
-    for msg, fn in bad:
-        with pytest.raises(RuntimeError, match=msg):
-            fn()

@@ -15,9 +15,9 @@ import torch
 import torch.nn as nn
 
 import ep_reference as R
-from ep_kernels import EPConv2d, EPNetwork, cuda_graphs, engine, use_backend
+from ep_kernels import EPConv2d, EPNetwork, cuda_graphs, engine, relaxation, use_backend
 from ep_kernels.intermediate import FeatureDistillation, LocalClassifier, LogitDistillation
-from helpers import cosine, grads, make_batch, make_net, relerr
+from ep_kernels.testing import cosine, grads, make_batch, small_net, relerr
 
 KINDS = ["conv_pool", "conv_nopool", "mixed", "linear"]
 BACKENDS = ["reference", "cpu"]
@@ -44,7 +44,7 @@ def _phi_tilde(ref, x, states):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("kind", KINDS)
 def test_free_phase_matches_reference(kind, dtype, backend):
-    net = _alternating(make_net(kind, dtype, seed=3, activation="hardsigmoid"))
+    net = _alternating(small_net(kind, dtype, seed=3, activation="hardsigmoid"))
     x, _ = make_batch(dtype=dtype, seed=4, flat=kind == "linear")
     ref = R.ReferenceNet.from_module(net)
     assert ref.schedule == "alternating"
@@ -55,13 +55,13 @@ def test_free_phase_matches_reference(kind, dtype, backend):
         tol = 1e-5 if dtype == torch.float32 else 1e-10
         assert _maxdiff(states, ref_states) <= tol, (kind, dtype, backend, T)
     # ... and it is a different trajectory from the synchronous one
-    sync = R.free_phase(R.ReferenceNet.from_module(make_net(kind, dtype, seed=3, activation="hardsigmoid")), x, 2)
+    sync = R.free_phase(R.ReferenceNet.from_module(small_net(kind, dtype, seed=3, activation="hardsigmoid")), x, 2)
     assert _maxdiff(R.free_phase(ref, x, 2), sync) > 1e-3
 
 
 def _with_signals(kind, seed):
     torch.manual_seed(seed)
-    net = make_net(kind, torch.float64, seed=seed)
+    net = small_net(kind, torch.float64, seed=seed)
     if kind == "conv_pool":  # s_1 (5, 4, 4), s_2 (7, 2, 2)
         sigs = [LocalClassifier(0, 5, 10, weight=0.5, pool_size=2), FeatureDistillation(1, 7, teacher_channels=3,
                                                                                       weight=0.3),
@@ -114,7 +114,7 @@ def test_fast_bptt_equals_reference_bptt(kind):
 def test_converged_ep_matches_bptt_and_the_synchronous_fixed_point(seed):
     """float64, beta 1e-3, converged: EP = BPTT (cos >= 0.9999), and the two schedules have
     the same fixed points."""
-    net = _alternating(make_net("conv_pool", torch.float64, seed=seed))
+    net = _alternating(small_net("conv_pool", torch.float64, seed=seed))
     x, y = make_batch(n=5, seed=seed + 10)
     net.zero_grad(set_to_none=True)
     res = net.ep_backward(x, y, beta=1e-3, T1=250, T2=80)
@@ -144,14 +144,14 @@ def test_converged_ep_matches_bptt_and_the_synchronous_fixed_point(seed):
 @pytest.mark.parametrize("kind", ["conv_pool", "mixed"])
 def test_cuda_graph_chunks_match_eager(kind, T, check_every):
     """The graph runner restarts the drive cache at every chunk; the steps are the same."""
-    net = _alternating(make_net(kind, torch.float64, seed=3))
+    net = _alternating(small_net(kind, torch.float64, seed=3))
     x, y = make_batch(n=3, seed=4)
-    gain = engine.ACTIVATION_GAIN[net.activation]
+    gain = relaxation.ACTIVATION_GAIN[net.activation]
     with torch.no_grad():
-        plan = net._plan(x)
+        plan = net.plan_for(x)
         s_e, rep_e = engine.free_phase(net.layers, plan, x, T, gain, None, check_every, schedule="alternating")
         s_e = [s.clone() for s in s_e]
-        plan2 = engine.Plan(net.layers, x.shape, x.dtype, x.device)
+        plan2 = relaxation.Plan(net.layers, x.shape, x.dtype, x.device)
         s_g, rep_g = cuda_graphs.free_phase(net.layers, plan2, x, T, gain, None, check_every, capture=False,
                                             schedule="alternating")
         assert all(torch.equal(a, b) for a, b in zip(s_e, s_g))
@@ -201,11 +201,11 @@ def test_phi_never_decreases_where_synchronous_oscillates():
 
 def test_schedule_is_checked_and_carried():
     with pytest.raises(ValueError, match="schedule must be one of"):
-        make_net("linear").schedule = "gauss-seidel"
+        small_net("linear").schedule = "gauss-seidel"
     with pytest.raises(ValueError, match="schedule must be one of"):
         EPNetwork(EPConv2d(2, 3, 3), schedule="async")
     with pytest.raises(ValueError, match="schedule must be one of"):
         R.ReferenceNet([dict(weight=torch.randn(3, 4))], schedule="async")
-    net = _alternating(make_net("conv_pool"))
+    net = _alternating(small_net("conv_pool"))
     assert "schedule=alternating" in repr(net)
     assert copy.deepcopy(net).schedule == "alternating"

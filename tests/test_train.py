@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ep_kernels import EPNetwork, train
-from ep_kernels.presets import build_network
+from ep_kernels.models import build_network
 
 # A tiny budget: a one-layer EP MLP on 96 digits, a few relaxation steps.
 TINY = ["--preset", "mlp", "--limit-train", "96", "--limit-test", "40", "--batch-size", "32", "--T1", "5",

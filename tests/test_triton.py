@@ -23,10 +23,10 @@ import torch.nn.functional as F  # noqa: E402
 
 import ep_kernels.ops as ops  # noqa: E402
 from ep_kernels import _backend, use_backend  # noqa: E402
-from conftest import RTOL  # noqa: E402
-from helpers import grads, make_batch, make_net  # noqa: E402
-from op_cases import (CASE_IDS, CONV_CASES, _assert_close_scaled, _conv_setup, _noncontig, _rand,  # noqa: E402
-                      _state, check_contrastive_conv_grad, check_conv_pool_drive, check_pool_conv_transpose,
+from ep_kernels.testing import RTOL  # noqa: E402
+from ep_kernels.testing import grads, make_batch, small_net  # noqa: E402
+from ep_kernels.testing import (CASE_IDS, CONV_CASES, assert_close_scaled, conv_setup, noncontiguous, rand,  # noqa: E402
+                      random_state, check_contrastive_conv_grad, check_conv_pool_drive, check_pool_conv_transpose,
                       check_state_update, check_state_update_noncontiguous)
 
 # No skip without triton: it is a test dependency (setup.py's "test" extra), so its absence
@@ -61,7 +61,7 @@ def _dev(*ts):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
 def test_conv_pool_drive(case, layout, dtype, gen):
-    check_conv_pool_drive("triton", DEV, case, layout, dtype, gen)
+    check_conv_pool_drive("triton", DEV, dtype, case, gen, layout)
 
 
 @pytest.mark.parametrize("pool", [2, 3])
@@ -69,13 +69,13 @@ def test_conv_pool_drive_ties_and_nan(pool, dtype, gen):
     """Exact ties (zero input + bias; small-integer convolutions) go to the first position of
     the window, and NaN wins, as in max_pool2d."""
     n, cin, cout, h, w = 2, 3, 5, 9, 10
-    weight = _rand(gen, cout, cin, 3, 3, dtype=dtype, lo=-1, hi=1)
-    bias = _rand(gen, cout, dtype=dtype, lo=-1, hi=1)
+    weight = rand(gen, cout, cin, 3, 3, dtype=dtype, lo=-1, hi=1)
+    bias = rand(gen, cout, dtype=dtype, lo=-1, hi=1)
     x = torch.zeros(n, cin, h, w, dtype=dtype)
     x[1, :, 4, 5] = 1.0
     xi = torch.randint(0, 2, (n, cin, h, w), generator=gen).to(dtype)
     wi = torch.randint(-1, 2, (cout, cin, 3, 3), generator=gen).to(dtype)
-    xn = _rand(gen, n, cin, h, w, dtype=dtype)
+    xn = rand(gen, n, cin, h, w, dtype=dtype)
     xn[0, 1, 4, 4] = float("nan")
     for xx, ww in ((x, weight), (xi, wi), (xn, weight)):
         xx, ww, b = _dev(xx, ww, bias)
@@ -93,10 +93,10 @@ def test_pool_argmax_fused_bias(pool, dt, gen):
     (16-bit values are compared as stored, after rounding)."""
     from ep_kernels.triton import pool_argmax
 
-    y = _rand(gen, 2, 5, 10, 11, dtype=torch.float32, lo=-1, hi=1).to(dt)
+    y = rand(gen, 2, 5, 10, 11, dtype=torch.float32, lo=-1, hi=1).to(dt)
     y[0, 0] = 0.25  # a constant plane: ties everywhere
     y[1, 2, 3, 4] = float("nan")
-    b = _rand(gen, 5, dtype=torch.float32, lo=-1, hi=1).to(dt)
+    b = rand(gen, 5, dtype=torch.float32, lo=-1, hi=1).to(dt)
     y, b = _dev(y, b)
     out, idx = pool_argmax(y, b, pool)
     ref_in = (y.float() + b.float()[:, None, None]).to(dt)
@@ -116,7 +116,7 @@ def test_pool_argmax_fused_bias(pool, dt, gen):
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
 def test_pool_conv_transpose(case, layout, dtype, gen):
-    check_pool_conv_transpose("triton", DEV, case, layout, dtype, gen)
+    check_pool_conv_transpose("triton", DEV, dtype, case, gen, layout)
 
 
 @pytest.mark.parametrize("case", [CONV_CASES[0], CONV_CASES[2], (2, 70, 100, 6, 7, 3, 1, 1, 1, 1, 2),
@@ -124,9 +124,9 @@ def test_pool_conv_transpose(case, layout, dtype, gen):
                          ids=["case0", "case2", "many_channels", "many_channels_k5_groups2"])
 def test_pool_conv_transpose_real_argmax(case, dtype, gen):
     """Indices from the drive itself (the engine's use); several channel blocks per tile."""
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(case, dtype, gen)
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup(case, dtype, gen)
     _, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
-    s = _state(gen, idx.shape, dtype)
+    s = random_state(gen, idx.shape, dtype)
     s, idx, weight = _dev(s, idx, weight)
     args = (list(x.shape[2:]), [hc, wc])
     with use_backend("triton"):
@@ -134,7 +134,7 @@ def test_pool_conv_transpose_real_argmax(case, dtype, gen):
         out = ops.pool_conv_transpose(s, idx, weight, *args, pool=pool, **conv)
     ref = ops.pool_conv_transpose_ref(s, idx, weight, *args, pool=pool, **conv)
     scale = ops.pool_conv_transpose_ref(s.abs(), idx, weight.abs(), *args, pool=pool, **conv)
-    _assert_close_scaled(out, ref, scale, RTOL[dtype])
+    assert_close_scaled(out, ref, scale, RTOL[dtype])
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,13 +145,13 @@ def test_pool_conv_transpose_real_argmax(case, dtype, gen):
 @pytest.mark.parametrize("gain", [1.0, 0.3])
 @pytest.mark.parametrize("parts", ["all", "no_top_down", "no_nudge", "drive_only"])
 def test_state_update(shape, gain, parts, dtype, gen):
-    check_state_update("triton", DEV, shape, gain, parts, dtype, gen)
+    check_state_update("triton", DEV, dtype, shape, gain, parts, gen)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
 def test_state_update_noncontiguous_and_nan(layout, dtype, gen):
     shape = (2, 5, 6, 7)
-    drive, td, nudge, prev = check_state_update_noncontiguous("triton", DEV, layout, dtype, gen)
+    drive, td, nudge, prev = check_state_update_noncontiguous("triton", DEV, dtype, layout, gen)
     # NaN in any operand propagates to the state and to the change
     for k in range(4):
         ts = [t.clone() for t in (drive, td, nudge, prev)]
@@ -176,14 +176,14 @@ CONTRASTIVE_PARAMS = ([pytest.param(c, lay, id=f"{i}-{lay}") for c, i in zip(CON
 
 @pytest.mark.parametrize("case,layout", CONTRASTIVE_PARAMS)
 def test_contrastive_conv_grad(case, layout, dtype, gen):
-    check_contrastive_conv_grad("triton", DEV, case, layout, dtype, gen)
+    check_contrastive_conv_grad("triton", DEV, dtype, case, gen, layout)
 
 
 def test_contrastive_conv_grad_noncontiguous_grad(gen):
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(CONV_CASES[0], torch.float64, gen)
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup(CONV_CASES[0], torch.float64, gen)
     s, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
     x, s, idx = _dev(x, s, idx)
-    gw = _dev(_noncontig(torch.zeros_like(weight), "transposed"))
+    gw = _dev(noncontiguous(torch.zeros_like(weight), "transposed"))
     gw_ref = torch.zeros_like(gw)
     args = (x, s, idx, x.flip(0), s.flip(0), idx.flip(0), [hc, wc], conv["stride"], conv["padding"],
             conv["dilation"], conv["groups"], pool, -0.5)
@@ -199,7 +199,7 @@ def test_contrastive_conv_grad_noncontiguous_grad(gen):
 
 def test_bf16_ops_computed_in_float32(gen):
     case = CONV_CASES[0]
-    x, weight, bias, conv, pool, (hc, wc) = _conv_setup(case, torch.float32, gen)
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup(case, torch.float32, gen)
     xb, wb, bb = (t.to(torch.bfloat16) for t in (x, weight, bias))
     xb, wb, bb = _dev(xb, wb, bb)
     with use_backend("triton"):
@@ -207,7 +207,7 @@ def test_bf16_ops_computed_in_float32(gen):
     rd, ri = ops.conv_pool_drive_ref(xb, wb, bb, pool=pool, **conv)
     assert d.dtype == torch.bfloat16 and torch.equal(d, rd) and torch.equal(i, ri)
     # top-down and contrastive: against the float32 computation from the same bf16 values
-    s = _state(gen, rd.shape, torch.float32).to(torch.bfloat16)
+    s = random_state(gen, rd.shape, torch.float32).to(torch.bfloat16)
     s = _dev(s)
     args = (list(x.shape[2:]), [hc, wc])
     with use_backend("triton"):
@@ -225,7 +225,7 @@ def test_bf16_ops_computed_in_float32(gen):
                                     for t in cargs), gw_ref, None)
     torch.testing.assert_close(gw.float(), gw_ref, rtol=2e-2, atol=2e-2)
     # state update: one rounding at the store
-    dr, tdr, pr = (_dev(_rand(gen, 3, 7, 5, dtype=torch.float32, lo=-1, hi=2).to(torch.bfloat16)) for _ in range(3))
+    dr, tdr, pr = (_dev(rand(gen, 3, 7, 5, dtype=torch.float32, lo=-1, hi=2).to(torch.bfloat16)) for _ in range(3))
     out = torch.empty_like(dr)
     with use_backend("triton"):
         ch = ops.state_update(dr, tdr, None, pr, 0.5, out)
@@ -239,12 +239,11 @@ def test_bf16_ops_computed_in_float32(gen):
 # --------------------------------------------------------------------------------------------
 
 def test_backend_routes_to_triton(monkeypatch):
-    import ep_kernels.triton as ep_triton
+    from ep_kernels.ops import _library
 
     calls = []
-    real = dict(ep_triton.OPS)
-    for name in real:
-        monkeypatch.setitem(ep_triton.OPS, name, lambda *a, _n=name, **k: (calls.append(_n), real[_n](*a, **k))[1])
+    real = _library.triton_op
+    monkeypatch.setattr(_library, "triton_op", lambda name: (calls.append(name), real(name))[1])
     d = _dev(torch.rand(2, 3))
     with use_backend("triton"):
         ops.state_update(d, None, None, None, 1.0, torch.empty_like(d))
@@ -253,10 +252,40 @@ def test_backend_routes_to_triton(monkeypatch):
     ops.state_update(d, None, None, d.clone(), 1.0, torch.empty_like(d))
     assert calls == ["state_update"] * 2
     assert "triton" in _backend.available_backends()
-    with use_backend("triton"):
-        with pytest.raises(RuntimeError, match="requires grad"):
-            ops.conv_pool_drive(_dev(torch.rand(1, 2, 4, 4)), _dev(torch.rand(3, 2, 3, 3)).requires_grad_(), None,
-                                pool=2)
+
+
+def test_triton_ops_are_torch_ops_with_the_compiled_schemas_and_autograd(gen):
+    """The Triton kernels are registered as ``torch.ops.ep_kernels_triton.*`` with the compiled
+    ops' schemas, fake kernels (opcheck) and autograd formulas: the drive and the top-down are
+    differentiable on this backend too, with the reference's gradients."""
+    from ep_kernels.ops import _library
+
+    ops.load_compiled()
+    for name in _library.SCHEMAS:
+        a = str(getattr(torch.ops.ep_kernels, name).default._schema).split("::", 1)[1]
+        b = str(_library.triton_op(name).default._schema).split("::", 1)[1]
+        assert a == b, (a, b)
+    x, weight, bias, conv, pool, (hc, wc) = conv_setup(CONV_CASES[0], torch.float64, gen)
+    grads_by = {}
+    for backend in ("reference", "triton"):
+        leaves = [_dev(t.clone()).requires_grad_() for t in (x, weight, bias)]
+        with use_backend(backend):
+            d, idx = ops.conv_pool_drive(*leaves, pool=pool, **conv)
+            td = ops.pool_conv_transpose(d, idx, leaves[1], list(x.shape[2:]), [hc, wc], pool=pool, **conv)
+        (d.square().sum() + (td * leaves[0]).sum()).backward()
+        grads_by[backend] = [t.grad for t in leaves]
+    for a, b in zip(grads_by["triton"], grads_by["reference"]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    T = torch.ops.ep_kernels_triton
+    xs, ws, bs = (_dev(t) for t in (x, weight, bias))
+    c = [conv["stride"], conv["padding"], conv["dilation"], conv["groups"]]
+    torch.library.opcheck(T.conv_pool_drive, (xs, ws, bs, *c, pool))
+    s = _dev(random_state(gen, (x.shape[0], weight.shape[0], hc // pool, wc // pool), torch.float64))
+    _, i = ops.conv_pool_drive_ref(xs, ws, bs, pool=pool, **conv)
+    torch.library.opcheck(T.pool_conv_transpose, (s, i, ws, list(x.shape[2:]), [hc, wc], *c, pool))
+    torch.library.opcheck(T.state_update, (s, s.flip(0), None, s.flip(1), 0.5, torch.empty_like(s)))
+    torch.library.opcheck(T.contrastive_conv_grad, (xs, s, i, xs.flip(0), s.flip(0), i.flip(0), [hc, wc], *c, pool,
+                                                    -0.5, torch.zeros_like(ws), torch.zeros_like(bs)))
 
 
 @pytest.mark.skipif(DEV != "cpu", reason="the interpreter case")
@@ -270,7 +299,7 @@ def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
 @pytest.mark.parametrize("kind", ["conv_pool", "conv_nopool", "mixed"])
 def test_network_on_triton_matches_reference(kind):
     """A small EPNetwork: free phase and EP gradients, backend triton against reference."""
-    net = make_net(kind, torch.float64, seed=3, activation="hardsigmoid").to(DEV)
+    net = small_net(kind, torch.float64, seed=3, activation="hardsigmoid").to(DEV)
     x, y = make_batch(n=3, dtype=torch.float64, seed=4)
     x, y = _dev(x, y)
     res = {}

@@ -9,8 +9,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
-#include "common.h"
-#include "sparse_weight_grad.h"
+#include "checks.h"
+#include "cpu/sparse_weight_grad.h"
 
 namespace ep_kernels {
 namespace {
@@ -22,29 +22,23 @@ void contrastive_conv_grad_cpu(const at::Tensor& x_a, const at::Tensor& s_a, con
                                at::IntArrayRef conv_out_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                at::IntArrayRef dilation, int64_t groups, int64_t pool, double scale,
                                at::Tensor& grad_weight, const c10::optional<at::Tensor>& grad_bias) {
-  check_cpu(grad_weight, kOp, "grad_weight");
-  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&x_a, "x_a"}, {&s_a, "s_a"}, {&x_b, "x_b"},
-                                {&s_b, "s_b"}}) {
-    check_cpu(*t, kOp, name);
-  }
-  check_contrastive_shapes(x_a, s_a, x_b, s_b, grad_weight, conv_out_size, stride, padding, dilation, groups, pool,
-                           kOp);
+  checks::contrastive_conv_grad(x_a, s_a, idx_a, x_b, s_b, idx_b, conv_out_size, stride, padding, dilation, groups,
+                                pool, scale, grad_weight, grad_bias);
+  checks::on_device_type(kOp, grad_weight, "grad_weight", c10::DeviceType::CPU);
   if (pool > 1) {
-    check_index_tensor(idx_a, s_a, kOp, "idx_a", "s_a");
-    check_index_tensor(idx_b, s_b, kOp, "idx_b", "s_b");
-  }
-  if (grad_bias.has_value() && grad_bias->defined()) {
-    check_cpu(*grad_bias, kOp, "grad_bias");
-    check_dim(*grad_bias, 1, kOp, "grad_bias");
-    check_same_dtype(*grad_bias, grad_weight, kOp, "grad_bias", "grad_weight");
-    TORCH_CHECK(grad_bias->size(0) == grad_weight.size(0), kOp, ": grad_bias has ", grad_bias->size(0),
-                " entries for ", grad_weight.size(0), " output channels");
+    // Every index, also where the state is 0 (the kernels skip those positions).
+    const std::pair<const at::Tensor*, const char*> indices[] = {{&idx_a, "idx_a"}, {&idx_b, "idx_b"}};
+    for (const auto& [idx, name] : indices) {
+      const auto ic = idx->contiguous();
+      const int64_t bad = checks::first_index_outside_window(ic, conv_out_size[0], conv_out_size[1], pool);
+      if (bad >= 0) checks::index_outside_window(kOp, name, ic, bad, conv_out_size[0], conv_out_size[1], pool);
+    }
   }
 
-  const bool has_bias = grad_bias.has_value() && grad_bias->defined();
+  const bool has_bias = checks::present(grad_bias);
   const auto st = grad_weight.scalar_type();
   if (pool > 1 && (st == at::kFloat || st == at::kDouble)) {
-    // c_in = cig * groups equals x_a.size(1): check_contrastive_shapes checked it.
+    // c_in = cig * groups equals x_a.size(1): checks::contrastive_conv_grad checked it.
     sparse_td::Geometry g = sparse_td::make_geometry(
         x_a.size(0), s_a.size(1), groups, grad_weight.size(1), x_a.size(2), x_a.size(3), conv_out_size, s_a.size(2),
         s_a.size(3), grad_weight.size(2), grad_weight.size(3), stride, padding, dilation, pool);
@@ -52,9 +46,8 @@ void contrastive_conv_grad_cpu(const at::Tensor& x_a, const at::Tensor& s_a, con
     AT_DISPATCH_FLOATING_TYPES(st, "contrastive_conv_grad_sparse", [&] {
       ok = sparse_wg::accumulate<scalar_t>(g, x_a, s_a, idx_a, x_b, s_b, idx_b, scale, grad_weight);
     });
-    TORCH_CHECK(ok, kOp, ": an index of idx_a or idx_b is outside its ", pool, "x", pool,
-                " pooling window (indices must come from a max-pool of stride ", pool, " over the ",
-                conv_out_size[0], "x", conv_out_size[1], " convolution output); grad_weight was not modified");
+    // Unreachable after the index check above; kept so the kernel never trusts its caller.
+    TORCH_CHECK(ok, kOp, ": an index of idx_a or idx_b is outside its pooling window");
   } else {
     auto dw = [&](const at::Tensor& x, const at::Tensor& s, const at::Tensor& idx) {
       auto u = pool > 1 ? at::max_unpool2d(s, idx, conv_out_size) : s;

@@ -12,8 +12,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "common.h"
-#include "pool_argmax.h"
+#include "checks.h"
+#include "cpu/pool_argmax.h"
 
 namespace ep_kernels {
 namespace {
@@ -24,23 +24,8 @@ std::tuple<at::Tensor, at::Tensor> conv_pool_drive_cpu(const at::Tensor& x, cons
                                                        const c10::optional<at::Tensor>& bias,
                                                        at::IntArrayRef stride, at::IntArrayRef padding,
                                                        at::IntArrayRef dilation, int64_t groups, int64_t pool) {
-  check_cpu(x, kOp, "x");
-  check_cpu(weight, kOp, "weight");
-  check_dim(x, 4, kOp, "x");
-  check_floating(x, kOp, "x");
-  check_same_dtype(weight, x, kOp, "weight", "x");
-  check_conv_params(stride, padding, dilation, groups, pool, kOp);
-  check_weight(weight, x.size(1), groups, kOp, "x");
-  if (bias.has_value() && bias->defined()) {
-    check_cpu(*bias, kOp, "bias");
-    check_dim(*bias, 1, kOp, "bias");
-    check_same_dtype(*bias, x, kOp, "bias", "x");
-    TORCH_CHECK(bias->size(0) == weight.size(0), kOp, ": bias has ", bias->size(0), " entries for ",
-                weight.size(0), " output channels");
-  }
-  const auto hw = conv_out_hw(x.size(2), x.size(3), weight, stride, padding, dilation);
-  TORCH_CHECK(hw[0] >= pool && hw[1] >= pool, kOp, ": x of shape ", x.sizes(), " gives a ", hw[0], "x", hw[1],
-              " convolution output, too small for pool=", pool);
+  checks::conv_pool_drive(x, weight, bias, stride, padding, dilation, groups, pool);
+  checks::on_device_type(kOp, x, "x", c10::DeviceType::CPU);
 
   auto y = at::conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous();
   if (pool == 1) return {y, at::empty({0}, x.options().dtype(at::kLong))};

@@ -10,8 +10,8 @@
 //      (saturated states) are skipped; NaN is kept, so it propagates.
 //   2. W is packed as [input-channel chunk][c_out][ky][kx][CW]: CW input channels of the
 //      channel's group (one or two 64-byte vectors, zero past the last) contiguous per
-//      (channel, tap). The packing depends only on the weight; pack_weight() exposes it so a
-//      caller can pack once per weight update instead of once per call.
+//      (channel, tap). The packing depends only on the weight: it is kept across calls
+//      (packed_weight_cache.h).
 //   3. A task per (image, group, input-channel chunk) owns its slice of the output (no races,
 //      no atomics; the result does not depend on the thread count). For each block of output
 //      channels (packed weights ~48 KB, resident in L1) and each conv-output position o, the
@@ -22,13 +22,15 @@
 //   4. The buffer (pixels x CW) is transposed into the NCHW output.
 //
 // Any kernel size, stride, padding, dilation and groups. The indices must be those of a k x k
-// max-pool of stride k: each inside its own window (checked: RuntimeError otherwise).
+// max-pool of stride k: each inside its own window (checked: ValueError otherwise).
 // Vector code: AVX-512 or AVX2+FMA chosen at run time (GCC vector extensions, always_inline
 // into per-ISA entry points), plain code otherwise.
 #pragma once
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include "checks.h"
 
 #include <algorithm>
 #include <atomic>
@@ -411,12 +413,8 @@ at::Tensor pack_weight(const at::Tensor& weight_in) {
   return wpk;
 }
 
-inline int64_t packed_numel(int64_t c_out, int64_t cig, int64_t khkw, int64_t cw) {
-  return ((cig + cw - 1) / cw) * c_out * khkw * cw;
-}
-
 // s, idx: (N, C_out, Hp, Wp) contiguous; weight (C_out, C_in/groups, kh, kw); packed: its
-// packing or undefined. Returns out (N, C_in, H, W), or an undefined tensor with *bad_at >= 0
+// packing. Returns out (N, C_in, H, W), or an undefined tensor with *bad_at >= 0
 // (flat index into idx) when an index is outside its window.
 template <typename T>
 at::Tensor top_down(const Geometry& g0, const at::Tensor& s, const at::Tensor& idx, const at::Tensor& weight,
@@ -429,7 +427,7 @@ at::Tensor top_down(const Geometry& g0, const at::Tensor& s, const at::Tensor& i
                   g.cog * khkw * g.cw < (int64_t(1) << 31),
               "pool_conv_transpose: problem too large for the sparse kernel's 32-bit offsets");
   auto opts = s.options();
-  const at::Tensor wpk = packed.defined() ? packed.contiguous() : pack_weight<T>(weight);
+  const at::Tensor& wpk = packed;
   const Taps taps = make_taps(g);
   auto offs = at::empty({g.n * (nkeys + 2)}, opts.dtype(at::kInt));
   auto ent_w = at::empty({g.n * g.c_out * p_n}, opts.dtype(at::kInt));
@@ -452,14 +450,14 @@ at::Tensor top_down(const Geometry& g0, const at::Tensor& s, const at::Tensor& i
   return out;
 }
 
-// The whole op for pool > 1, float/double: validated arguments in, W^T U(s) out.
-inline at::Tensor pool_conv_transpose(const at::Tensor& s_in, const at::Tensor& idx_in, const at::Tensor& w_in,
+// The whole op for pool > 1, float/double: validated arguments and the packed weight in,
+// W^T U(s) out.
+inline at::Tensor pool_conv_transpose(const at::Tensor& s_in, const at::Tensor& idx_in, const at::Tensor& weight,
                                       at::IntArrayRef input_size, at::IntArrayRef conv_out_size,
                                       at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                       int64_t groups, int64_t pool, const at::Tensor& packed) {
   auto s = s_in.contiguous();
   auto idx = idx_in.contiguous();
-  const at::Tensor& weight = w_in;  // only its sizes are read when packed is given
   Geometry g = make_geometry(s.size(0), s.size(1), groups, weight.size(1), input_size[0], input_size[1],
                              conv_out_size, s.size(2), s.size(3), weight.size(2), weight.size(3), stride, padding,
                              dilation, pool);
@@ -468,14 +466,7 @@ inline at::Tensor pool_conv_transpose(const at::Tensor& s_in, const at::Tensor& 
   AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "sparse_pool_conv_transpose", [&] {
     out = top_down<scalar_t>(g, s, idx, weight, packed, &bad);
   });
-  if (bad >= 0) {
-    const int64_t p_n = g.hp * g.wp;
-    const int64_t n = bad / (g.c_out * p_n), c = (bad / p_n) % g.c_out, p = bad % p_n;
-    TORCH_CHECK(false, "pool_conv_transpose: indices[", n, ", ", c, ", ", p / g.wp, ", ", p % g.wp, "] = ",
-                idx.view(-1)[bad].item<int64_t>(), " is outside its ", pool, "x", pool,
-                " pooling window (indices must come from a max-pool of stride ", pool,
-                " over the ", g.hc, "x", g.wc, " convolution output)");
-  }
+  if (bad >= 0) checks::index_outside_window("pool_conv_transpose", "indices", idx, bad, g.hc, g.wc, pool);
   return out;
 }
 

@@ -3,13 +3,12 @@
 // reads each operand once and writes the state once. NaN propagates to out and to the
 // change (a diverging relaxation is detected by the caller).
 #include <ATen/ATen.h>
-#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
-#include "common.h"
-#include "sparse_top_down.h"  // Vec, isa_level, EPK_ALWAYS_INLINE
+#include "checks.h"
+#include "cpu/sparse_top_down.h"  // Vec, isa_level, EPK_ALWAYS_INLINE
 
 #include <algorithm>
 #include <cmath>
@@ -175,10 +174,10 @@ acc_t state_update_loop(const scalar_t* drive, const scalar_t* td, const scalar_
 at::Tensor state_update_cpu(const at::Tensor& drive, const c10::optional<at::Tensor>& top_down,
                             const c10::optional<at::Tensor>& nudge,
                             const c10::optional<at::Tensor>& prev, double gain, at::Tensor& out) {
-  const auto ops = state_update_operands(drive, top_down, nudge, prev, out, [](const at::Tensor& t, const char* name) {
-    check_cpu(t, "state_update", name);
-  });
-  const at::Tensor &d = ops.drive, &t = ops.top_down, &g = ops.nudge, &p = ops.prev;
+  checks::state_update(drive, top_down, nudge, prev, gain, out);
+  checks::on_device_type("state_update", drive, "drive", c10::DeviceType::CPU);
+  auto contiguous = [](const c10::optional<at::Tensor>& v) { return checks::present(v) ? v->contiguous() : at::Tensor(); };
+  const at::Tensor d = drive.contiguous(), t = contiguous(top_down), g = contiguous(nudge), p = contiguous(prev);
   // A non-contiguous out is computed in a temporary and copied back.
   at::Tensor o = out.is_contiguous() ? out : at::empty_like(d);
   const int64_t n = d.numel();

@@ -1,4 +1,4 @@
-// Shared by the CUDA kernels: argument checks (the shape checks are the CPU kernels'), launch
+// Shared by the CUDA kernels (their argument checks are csrc/checks.h, shared with the CPU ones): launch
 // configuration, and the unpooling that both the top-down and the contrastive update use.
 #pragma once
 
@@ -11,30 +11,10 @@
 #include <algorithm>
 #include <cstdint>
 
-#include "cpu/common.h"
+#include "checks.h"
 
 namespace ep_kernels {
 namespace cuda {
-
-inline void check_cuda(const at::Tensor& t, const char* op, const char* name) {
-  check_defined(t, op, name);
-  TORCH_CHECK(t.device().is_cuda(), op, " (cuda): ", name, " must be a CUDA tensor, got device ", t.device());
-}
-
-inline void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* op, const char* name,
-                              const char* ref_name) {
-  TORCH_CHECK(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
-              ref.device());
-}
-
-inline void check_index_tensor(const at::Tensor& idx, const at::Tensor& s, const char* op, const char* name,
-                               const char* s_name) {
-  check_cuda(idx, op, name);
-  check_same_device(idx, s, op, name, s_name);
-  TORCH_CHECK(idx.scalar_type() == at::kLong, op, ": ", name, " must have dtype int64, got ", idx.scalar_type());
-  TORCH_CHECK(idx.sizes() == s.sizes(), op, ": ", name, " has shape ", idx.sizes(), " but ", s_name, " has ",
-              s.sizes());
-}
 
 constexpr int kThreads = 256;
 

@@ -30,27 +30,10 @@ void contrastive_conv_grad_cuda(const at::Tensor& x_a, const at::Tensor& s_a, co
                                 at::IntArrayRef conv_out_size, at::IntArrayRef stride, at::IntArrayRef padding,
                                 at::IntArrayRef dilation, int64_t groups, int64_t pool, double scale,
                                 at::Tensor& grad_weight, const c10::optional<at::Tensor>& grad_bias) {
-  check_cuda(grad_weight, kOp, "grad_weight");
-  for (const auto& [t, name] : {std::pair<const at::Tensor*, const char*>{&x_a, "x_a"}, {&s_a, "s_a"}, {&x_b, "x_b"},
-                                {&s_b, "s_b"}}) {
-    check_cuda(*t, kOp, name);
-    check_same_device(*t, grad_weight, kOp, name, "grad_weight");
-  }
-  check_contrastive_shapes(x_a, s_a, x_b, s_b, grad_weight, conv_out_size, stride, padding, dilation, groups, pool,
-                           kOp);
-  if (pool > 1) {
-    check_index_tensor(idx_a, s_a, kOp, "idx_a", "s_a");
-    check_index_tensor(idx_b, s_b, kOp, "idx_b", "s_b");
-  }
-  const bool has_bias = grad_bias.has_value() && grad_bias->defined();
-  if (has_bias) {
-    check_cuda(*grad_bias, kOp, "grad_bias");
-    check_same_device(*grad_bias, grad_weight, kOp, "grad_bias", "grad_weight");
-    check_dim(*grad_bias, 1, kOp, "grad_bias");
-    check_same_dtype(*grad_bias, grad_weight, kOp, "grad_bias", "grad_weight");
-    TORCH_CHECK(grad_bias->size(0) == grad_weight.size(0), kOp, ": grad_bias has ", grad_bias->size(0),
-                " entries for ", grad_weight.size(0), " output channels");
-  }
+  checks::contrastive_conv_grad(x_a, s_a, idx_a, x_b, s_b, idx_b, conv_out_size, stride, padding, dilation, groups,
+                                pool, scale, grad_weight, grad_bias);
+  checks::on_device_type(kOp, grad_weight, "grad_weight", c10::DeviceType::CUDA);
+  const bool has_bias = checks::present(grad_bias);
   c10::cuda::CUDAGuard guard(grad_weight.device());
   const int64_t n = s_a.size(0), c = s_a.size(1);
   auto sa = s_a.contiguous(), sb = s_b.contiguous();

@@ -7,8 +7,7 @@
 // every output channel has its own argmax position, so the sparse form is a sum of rank-1
 // updates at per-channel positions, which runs on CUDA cores with atomics or strided gathers;
 // the dense GEMM on tensor cores (TF32: about 7x the FP32 CUDA-core rate of an H100/H200) is
-// faster than 1/k^2 = 1/4 of the work on CUDA cores. packed_weight (the CPU kernel's layout)
-// is ignored. Indices must be those of a k x k max-pool of stride k (each inside its own
+// faster than 1/k^2 = 1/4 of the work on CUDA cores. Indices must be those of a k x k max-pool of stride k (each inside its own
 // window); an index outside its window contributes nothing here (not checked on the device).
 #include <torch/library.h>
 
@@ -22,15 +21,9 @@ constexpr const char* kOp = "pool_conv_transpose";
 
 at::Tensor pool_conv_transpose_cuda(const at::Tensor& s, const at::Tensor& indices, const at::Tensor& weight,
                                     at::IntArrayRef input_size, at::IntArrayRef conv_out_size, at::IntArrayRef stride,
-                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t pool,
-                                    const c10::optional<at::Tensor>& packed_weight) {
-  check_cuda(s, kOp, "s");
-  check_cuda(weight, kOp, "weight");
-  check_same_device(weight, s, kOp, "weight", "s");
-  check_pool_conv_transpose_shapes(s, weight, input_size, conv_out_size, stride, padding, dilation, groups, pool,
-                                   kOp);
-  if (pool > 1) check_index_tensor(indices, s, kOp, "indices", "s");
-  (void)packed_weight;
+                                    at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups, int64_t pool) {
+  checks::pool_conv_transpose(s, indices, weight, input_size, conv_out_size, stride, padding, dilation, groups, pool);
+  checks::on_device_type(kOp, s, "s", c10::DeviceType::CUDA);
   c10::cuda::CUDAGuard guard(s.device());
   at::Tensor u = s;
   if (pool > 1) {

@@ -6,7 +6,6 @@
 // can be captured in a CUDA graph.
 #include <torch/library.h>
 
-#include <ATen/MemoryOverlap.h>
 
 #include "cuda/common.cuh"
 
@@ -78,12 +77,11 @@ __global__ void state_update_kernel(const scalar_t* __restrict__ drive, const sc
 at::Tensor state_update_cuda(const at::Tensor& drive, const c10::optional<at::Tensor>& top_down,
                              const c10::optional<at::Tensor>& nudge, const c10::optional<at::Tensor>& prev,
                              double gain, at::Tensor& out) {
-  const auto ops = state_update_operands(drive, top_down, nudge, prev, out, [&](const at::Tensor& t, const char* name) {
-    check_cuda(t, "state_update", name);
-    check_same_device(t, drive, "state_update", name, "drive");
-  });
+  checks::state_update(drive, top_down, nudge, prev, gain, out);
+  checks::on_device_type("state_update", drive, "drive", c10::DeviceType::CUDA);
   c10::cuda::CUDAGuard guard(drive.device());
-  const at::Tensor &d = ops.drive, &t = ops.top_down, &g = ops.nudge, &p = ops.prev;
+  auto contiguous = [](const c10::optional<at::Tensor>& v) { return checks::present(v) ? v->contiguous() : at::Tensor(); };
+  const at::Tensor d = drive.contiguous(), t = contiguous(top_down), g = contiguous(nudge), p = contiguous(prev);
   const bool has_prev = p.defined();
   at::Tensor o = out.is_contiguous() ? out : at::empty_like(d);
   const int64_t n = d.numel();

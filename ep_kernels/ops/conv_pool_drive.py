@@ -8,8 +8,8 @@ an empty int64 tensor.
 import torch
 import torch.nn.functional as F
 
-from ._common import check_conv_params, check_float, check_no_grad, check_tensor, compiled_op, conv_out_size, \
-    dispatch, pair, triton_op
+from ._common import pair, run
+from ._meta import conv_pool_drive_meta
 
 
 def conv_pool_drive_ref(x, weight, bias, stride, padding, dilation, groups, pool):
@@ -19,35 +19,24 @@ def conv_pool_drive_ref(x, weight, bias, stride, padding, dilation, groups, pool
     return F.max_pool2d(y, pool, pool, return_indices=True)
 
 
-def _check(x, weight, bias, stride, padding, dilation, groups, pool):
-    check_conv_params(stride, padding, dilation, groups, pool)
-    check_tensor(x, "x", ndim=4)
-    check_float(x, "x")
-    check_tensor(weight, "weight", ndim=4, dtype=x.dtype, device=x.device)
-    if bias is not None:
-        check_tensor(bias, "bias", ndim=1, dtype=x.dtype, device=x.device)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias has {bias.shape[0]} entries for {weight.shape[0]} output channels")
-    if x.shape[1] != weight.shape[1] * groups:
-        raise ValueError(
-            f"x has {x.shape[1]} channels but the weight expects {weight.shape[1] * groups} "
-            f"(weight shape {tuple(weight.shape)}, groups={groups})"
-        )
-    if weight.shape[0] % groups != 0:
-        raise ValueError(f"weight has {weight.shape[0]} output channels, not divisible by groups={groups}")
-    hc, wc = conv_out_size(x.shape[2:], weight.shape[2:], stride, padding, dilation)
-    if hc < pool or wc < pool:
-        raise ValueError(f"x of shape {tuple(x.shape)} gives a {hc}x{wc} convolution output, "
-                         f"too small for pool={pool}")
-
-
 def conv_pool_drive(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, pool=1):
-    stride, padding, dilation = pair(stride, "stride"), pair(padding, "padding"), pair(dilation, "dilation")
-    _check(x, weight, bias, stride, padding, dilation, groups, pool)
-    mode = dispatch(x.device)
-    if mode == "reference":
-        return conv_pool_drive_ref(x, weight, bias, stride, padding, dilation, groups, pool)
-    if mode == "triton":  # no autograd formula on this path
-        check_no_grad("conv_pool_drive", (("x", x), ("weight", weight), ("bias", bias)))
-        return triton_op("conv_pool_drive")(x, weight, bias, stride, padding, dilation, groups, pool)
-    return compiled_op("conv_pool_drive")(x, weight, bias, stride, padding, dilation, groups, pool)
+    """The drive of a conv synapse and its pooling argmax.
+
+    Args:
+        x: (N, C_in, H, W) input state, floating point.
+        weight: (C_out, C_in / groups, kH, kW), same dtype and device as ``x``.
+        bias: (C_out,) or None.
+        stride, padding, dilation: an int or a pair, as ``nn.Conv2d``'s.
+        groups: as ``nn.Conv2d``'s.
+        pool: the max-pool's size and stride (1: no pooling).
+
+    Returns:
+        ``(drive, indices)``: drive (N, C_out, Hc // pool, Wc // pool) where (Hc, Wc) is the
+        convolution's output size, indices of the same shape (int64). For ``pool == 1`` the
+        drive is (N, C_out, Hc, Wc) and indices is empty.
+    """
+    op = "conv_pool_drive"
+    args = (x, weight, bias, pair(op, stride, "stride"), pair(op, padding, "padding"),
+            pair(op, dilation, "dilation"), groups, pool)
+    conv_pool_drive_meta(*args)
+    return run(op, x.device, conv_pool_drive_ref, args)

@@ -8,7 +8,8 @@ used for convergence tests), or an empty tensor when ``prev`` is None. NaN propa
 """
 import torch
 
-from ._common import check_float, check_no_grad, check_tensor, compiled_op, dispatch, overlaps, triton_op
+from ._common import check_no_grad, run
+from ._meta import check_overlap, state_update_meta
 
 
 def state_update_ref(drive, top_down, nudge, prev, gain, out):
@@ -24,21 +25,22 @@ def state_update_ref(drive, top_down, nudge, prev, gain, out):
 
 
 def state_update(drive, top_down, nudge, prev, gain, out):
-    check_tensor(drive, "drive")
-    check_float(drive, "drive")
-    for name, t in (("top_down", top_down), ("nudge", nudge), ("prev", prev), ("out", out)):
-        if t is None and name != "out":
-            continue
-        check_tensor(t, name, dtype=drive.dtype, device=drive.device)
-        if t.shape != drive.shape:
-            raise ValueError(f"{name} shape {tuple(t.shape)} != drive shape {tuple(drive.shape)}")
-    if prev is not None and overlaps(out, prev):
-        raise ValueError("out must not alias prev (the change would be lost)")
-    mode = dispatch(drive.device)
-    if mode == "reference":
-        return state_update_ref(drive, top_down, nudge, prev, float(gain), out)
+    """``out = clamp(gain * (drive + top_down + nudge), 0, 1)`` and ``max |out - prev|``.
+
+    Args:
+        drive: any shape, floating point.
+        top_down, nudge, prev: None or tensors of ``drive``'s shape, dtype and device.
+        gain: a finite float.
+        out: ``drive``'s shape, dtype and device; written in place. It may be ``drive``,
+            ``top_down`` or ``nudge`` itself, but must not otherwise overlap them, nor ``prev``.
+
+    Returns:
+        ``max |out - prev|`` as a 0-dim tensor (NaN if any element is NaN), or an empty tensor
+        when ``prev`` is None.
+    """
+    args = (drive, top_down, nudge, prev, gain, out)
+    state_update_meta(*args)
+    check_overlap(drive, top_down, nudge, prev, out)
     check_no_grad("state_update", (("drive", drive), ("top_down", top_down), ("nudge", nudge), ("prev", prev),
                                    ("out", out)))
-    if mode == "triton":
-        return triton_op("state_update")(drive, top_down, nudge, prev, float(gain), out)
-    return compiled_op("state_update")(drive, top_down, nudge, prev, float(gain), out)
+    return run("state_update", drive.device, state_update_ref, (drive, top_down, nudge, prev, float(gain), out))

@@ -41,7 +41,7 @@ import math
 import torch
 import torch.nn as nn
 
-from .engine import ACTIVATION_GAIN
+from .relaxation import ACTIVATION_GAIN
 from .layers import EPConv2d, EPLinear
 from .network import EPNetwork
 
