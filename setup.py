@@ -1,137 +1,115 @@
-"""Build ep_kernels (with its compiled C++ ops) and the independent reference ep_reference.
+"""Build ep_kernels and the independent reference ep_reference. Two ways, chosen by whether
+torch can be imported here:
 
-torch must be importable at build time, and the extension is only valid for the torch it
-was built against. So we build *without* build isolation, against the torch that is
-installed (README: ``pip install --no-build-isolation .``), and record that torch's version
-in ``ep_kernels/_build_info.py``; at import the package refuses to use a compiled backend
-built for another torch (see ``ep_kernels/_ext.py``).
+- ``pip install .`` (build isolation: pip builds in a fresh environment without torch). The
+  wheel holds the C++/CUDA sources (``csrc/``, installed as ``ep_kernels/_csrc``) and no
+  binary; ``ep_kernels`` compiles them on first use, against whichever torch runs, into a
+  cache (``ep_kernels/_build.py``).
+- ``pip install --no-build-isolation .`` (torch importable): the extension is compiled now,
+  against the installed torch, whose version is recorded in ``ep_kernels/_build_info.py``; at
+  run time the package refuses the compiled ops under another torch (``ep_kernels/_ext.py``).
+
+What is compiled, with which flags, and whether the CUDA kernels are, is decided in one place,
+``ep_kernels/_build.py``, which this file loads by path (the package itself cannot be imported
+before it is built).
 """
-import glob
+import importlib.util
 import os
 import sys
 
 from setuptools import find_packages, setup
-
-try:
-    import torch
-    from torch.utils.cpp_extension import BuildExtension, CppExtension
-except ImportError:  # pragma: no cover - exercised only on a broken install
-    sys.exit(
-        "ep_kernels: torch must be installed before building this package, and the build "
-        "must see it. Run:\n    pip install torch==2.13.0\n    pip install --no-build-isolation .\n"
-    )
+from setuptools.command.build_py import build_py
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BUILD_INFO = os.path.join("ep_kernels", "_build_info.py")
 
 
-def cuda_build():
-    """(build the CUDA kernels?, why not). They need a CUDA build of torch and a CUDA toolkit
-    with nvcc; EP_KERNELS_NO_CUDA=1 skips them (a CPU-only extension, as on a CPU torch)."""
-    if os.environ.get("EP_KERNELS_NO_CUDA", "") == "1":
-        return False, "EP_KERNELS_NO_CUDA=1"
-    if torch.version.cuda is None:
-        return False, f"torch {torch.__version__} is not a CUDA build"
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    if CUDA_HOME is None or not os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc")):
-        return False, "no CUDA toolkit found (nvcc; set CUDA_HOME)"
-    return True, f"torch {torch.__version__} (CUDA {torch.version.cuda}), nvcc in {CUDA_HOME}"
+def load_build_module():
+    path = os.path.join(HERE, "ep_kernels", "_build.py")
+    spec = importlib.util.spec_from_file_location("_ep_kernels_build", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
-def nvidia_wheel_includes():
-    """Include folders of torch's own nvidia-* wheels (cuBLAS, cuSPARSE, cuDNN, ... headers that
-    torch's CUDA headers include): a CUDA toolkit installed with nvcc and the runtime only lacks
-    them. They go after the toolkit's own folders, so a full toolkit's headers win."""
-    dirs = []
+def torch_importable():
     try:
-        import nvidia  # namespace package of the nvidia-* wheels
+        import torch  # noqa: F401
     except ImportError:
-        return dirs
-    for root in list(getattr(nvidia, "__path__", [])):
-        dirs += sorted(d for d in glob.glob(os.path.join(root, "*", "include")) if os.path.isdir(d))
-    return dirs
+        return False
+    return True
 
 
-WITH_CUDA, CUDA_REASON = cuda_build()
-
-
-def write_build_info():
-    path = os.path.join(HERE, "ep_kernels", "_build_info.py")
-    with open(path, "w") as f:
+def write_build_info(torch, spec):
+    with open(os.path.join(HERE, BUILD_INFO), "w") as f:
         f.write("# Written by setup.py at build time; do not edit.\n")
         f.write(f"TORCH_VERSION = {torch.__version__!r}\n")
         f.write(f"TORCH_CUDA = {torch.version.cuda!r}\n")
-        f.write(f"CUDA_KERNELS = {WITH_CUDA!r}\n")
+        f.write(f"CUDA_KERNELS = {spec.with_cuda!r}\n")
 
 
-def cxx_standard():
-    """The C++ standard torch's headers ask for: C++17 up to torch 2.13, C++20 from 2.14 on
-    (ATen.h says which in its version check)."""
-    try:
-        from torch.utils.cpp_extension import include_paths
+def ahead_of_time(_build):
+    """(ext_modules, cmdclass) compiling the ops now, against the importable torch."""
+    import torch
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-        for d in include_paths():
-            header = os.path.join(d, "ATen", "ATen.h")
-            if os.path.exists(header):
-                with open(header) as f:
-                    return "c++20" if "202002L" in f.read(4096) else "c++17"
-    except Exception:  # pragma: no cover - a torch without headers fails later, and says so
-        pass
-    return "c++17"
+    spec = _build.ops_spec(csrc="csrc")  # relative: setuptools wants sources relative to setup.py
+    if spec.with_cuda:
+        print(f"ep_kernels: building the CPU and CUDA kernels: {spec.cuda_reason}; TORCH_CUDA_ARCH_LIST="
+              f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '(unset: the visible GPUs, or all)')}")
+    else:
+        print(f"ep_kernels: building the CPU kernels only; CUDA kernels skipped: {spec.cuda_reason}")
+    args = {"cxx": list(spec.cflags), "nvcc": list(spec.cuda_cflags)}
+    ext = (CUDAExtension if spec.with_cuda else CppExtension)(
+        name="ep_kernels._C", sources=list(spec.sources), include_dirs=list(spec.include_dirs),
+        extra_compile_args=args if spec.with_cuda else {"cxx": args["cxx"]},
+        extra_link_args=list(spec.ldflags))
 
+    class BuildExt(BuildExtension.with_options(use_ninja=True)):
+        """Appends the nvidia wheels' include folders after those CUDAExtension added (the
+        toolkit's), so a full toolkit's headers win."""
 
-def extensions():
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    std = cxx_standard()
-    extra_compile = {"cxx": ["-O3", "-fopenmp", f"-std={std}"]}
-    if not WITH_CUDA:
-        print(f"ep_kernels: building the CPU kernels only; CUDA kernels skipped: {CUDA_REASON}")
-        return [
-            CppExtension(
-                name="ep_kernels._C",
-                sources=sources,
-                include_dirs=[os.path.join(HERE, "csrc")],
-                extra_compile_args=extra_compile,
-                extra_link_args=["-fopenmp"],
-            )
-        ]
-    from torch.utils.cpp_extension import CUDAExtension
+        def build_extensions(self):
+            for e in self.extensions:
+                e.include_dirs = list(e.include_dirs) + [d for d in spec.cuda_include_dirs if d not in e.include_dirs]
+            super().build_extensions()
 
-    print(f"ep_kernels: building the CPU and CUDA kernels: {CUDA_REASON}; "
-          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(unset: the visible GPUs, or all)')}")
-    extra_compile["nvcc"] = ["-O3", f"-std={std}"]
-    return [
-        CUDAExtension(
-            name="ep_kernels._C",
-            sources=sources + sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu"))),
-            include_dirs=[os.path.join(HERE, "csrc")],
-            extra_compile_args=extra_compile,
-            extra_link_args=["-fopenmp"],
-        )
-    ]
+    write_build_info(torch, spec)
+    return [ext], {"build_ext": BuildExt}
 
 
-class _BuildExt(BuildExtension.with_options(use_ninja=True)):
-    """BuildExtension with the nvidia wheels' include folders appended (see nvidia_wheel_includes)."""
+class SourcesOnlyBuildPy(build_py):
+    """build_py for the first-use build: leaves out a ``_build_info.py`` left in the source tree
+    by an earlier ahead-of-time build, which would make the package look for a ``_C`` binary."""
 
-    def build_extensions(self):
-        if WITH_CUDA:
-            extra = nvidia_wheel_includes()
-            for ext in self.extensions:
-                ext.include_dirs = list(ext.include_dirs) + [d for d in extra if d not in ext.include_dirs]
-        super().build_extensions()
+    def find_package_modules(self, package, package_dir):
+        modules = super().find_package_modules(package, package_dir)
+        return [m for m in modules if not (package == "ep_kernels" and m[1] == "_build_info")]
 
 
-write_build_info()
+def build_mode(_build):
+    """(ext_modules, cmdclass): compile now when torch is importable, else ship the sources."""
+    if torch_importable():
+        return ahead_of_time(_build)
+    print("ep_kernels: torch is not importable at build time (pip's build isolation): installing the "
+          "C++/CUDA sources, which compile on first use (about 1 min with 2 cores, once per torch version)")
+    return [], {"build_py": SourcesOnlyBuildPy}
+
+
+EXT_MODULES, CMDCLASS = build_mode(load_build_module())
+SOURCE_GLOBS = [f"{d}*{ext}" for d in ("", "cpu/", "cuda/") for ext in (".cpp", ".h", ".cu", ".cuh")]
 
 setup(
     name="ep_kernels",
     version="0.1.0",
     description="Fused kernels and drop-in layers for Equilibrium Propagation in PyTorch",
-    packages=find_packages(include=["ep_kernels", "ep_kernels.*"]) + ["ep_reference"],
-    package_dir={"ep_reference": "python/ep_reference"},
-    ext_modules=extensions(),
-    cmdclass={"build_ext": _BuildExt},
+    packages=find_packages(include=["ep_kernels", "ep_kernels.*"]) + ["ep_reference", "ep_kernels._csrc"],
+    # csrc/ stays at the top of the repository; in the wheel it is the package data ep_kernels/_csrc
+    package_dir={"ep_reference": "python/ep_reference", "ep_kernels._csrc": "csrc"},
+    package_data={"ep_kernels._csrc": SOURCE_GLOBS},
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
     python_requires=">=3.9",
     install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "scikit-learn", "ninja"],
     # triton: the Triton kernels' tests run under its interpreter on CPU (3.6 is the GPU machines' version)

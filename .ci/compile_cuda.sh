@@ -6,8 +6,8 @@
 # A second virtual environment gets torch==2.14.1 (CUDA 13.0, like the toolkit's nvcc; about
 # 5.4 GB with its nvidia-* wheels, ~45 s from local disk). The working tree is left alone.
 #
-#   bash .ci/compile_cuda.sh          # the CUDA sources + the op schemas (torch.utils.cpp_extension.load);
-#                                     # ~2 min of nvcc on 2 cores: what CI runs
+#   bash .ci/compile_cuda.sh          # the CUDA sources + the op schemas, through ep_kernels/_build.py
+#                                     # (the first-use build's code); ~2 min of nvcc on 2 cores: what CI runs
 #   bash .ci/compile_cuda.sh --full   # setup.py's CUDAExtension build (CPU and CUDA kernels) in a copy
 #                                     # of the tree: the path `pip install .` takes; ~5 min on 2 cores
 # Env: EP_CUDA_VENV (reuse a venv), TORCH_CUDA_ARCH_LIST (default 9.0: H100/H200),
@@ -34,33 +34,30 @@ python -m pip install --quiet "${EP_CUDA_TORCH:-torch==2.14.1}" ninja setuptools
 T1=$(date +%s)
 echo "compile_cuda: torch $(python -c 'import torch; print(torch.__version__, "CUDA", torch.version.cuda)') installed in $((T1 - T0)) s; nvcc: $("$CUDA_HOME/bin/nvcc" --version | tail -1)"
 if [ "${1:-}" != "--full" ]; then
-    mkdir -p "$WORK/build"
-    python - "$SRC" "$WORK/build" <<'PY'
-import glob, os, sys, time
+    # The same code as ep_kernels' first-use build (ep_kernels/_build.py, loaded by path: the
+    # package is not installed in this venv): its spec without the CPU kernels, its cache and lock.
+    python - "$SRC" "$WORK/cache" <<'PY'
+import importlib.util, os, resource, sys, time
 import torch
-from torch.utils.cpp_extension import include_paths, load
 
-src, build = sys.argv[1], sys.argv[2]
-inc = [os.path.join(src, "csrc")]
-try:  # torch's own nvidia-* wheels: cuBLAS/cuSPARSE/cuDNN headers a minimal toolkit lacks (as setup.py)
-    import nvidia
-    for root in nvidia.__path__:
-        inc += sorted(glob.glob(os.path.join(root, "*", "include")))
-except ImportError:
-    pass
-aten = [os.path.join(d, "ATen", "ATen.h") for d in include_paths() if os.path.exists(os.path.join(d, "ATen", "ATen.h"))]
-std = "c++20" if aten and "202002L" in open(aten[0]).read(4096) else "c++17"
-sources = [os.path.join(src, "csrc", "ep_kernels.cpp")] + sorted(glob.glob(os.path.join(src, "csrc", "cuda", "*.cu")))
-print("compile_cuda: nvcc", " ".join(os.path.relpath(s_, src) for s_ in sources[1:]), f"(-std={std}, sm",
-      os.environ["TORCH_CUDA_ARCH_LIST"] + ")", flush=True)
+src, cache = sys.argv[1], sys.argv[2]
+spec = importlib.util.spec_from_file_location("_ep_kernels_build", os.path.join(src, "ep_kernels", "_build.py"))
+_build = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = _build
+spec.loader.exec_module(_build)
+ops = _build.ops_spec(csrc=os.path.join(src, "csrc"), cpu=False)
+assert ops.with_cuda, f"compile_cuda: ep_kernels' build would skip the CUDA kernels here: {ops.cuda_reason}"
+print("compile_cuda: nvcc", " ".join(os.path.relpath(s_, src) for s_ in ops.sources if s_.endswith(".cu")),
+      f"({' '.join(ops.cuda_cflags)}, sm {os.environ['TORCH_CUDA_ARCH_LIST']})", flush=True)
 t = time.time()
-load(name="_C", sources=sources, extra_include_paths=inc, extra_cflags=["-O3", f"-std={std}"],
-     extra_cuda_cflags=["-O3", f"-std={std}"], build_directory=build, verbose=False)
-print(f"compile_cuda: compiled and loaded in {time.time() - t:.0f} s")
-ops = ["conv_pool_drive", "pool_conv_transpose", "state_update", "contrastive_conv_grad"]
-missing = [o for o in ops if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ep_kernels::{o}", "CUDA")]
+lib = _build.build_and_load(ops, root=cache)
+cpu = resource.getrusage(resource.RUSAGE_CHILDREN)
+print(f"compile_cuda: compiled and loaded {os.path.basename(lib)} in {time.time() - t:.0f} s "
+      f"({cpu.ru_utime + cpu.ru_stime:.0f} s of compiler CPU time)")
+names = ["conv_pool_drive", "pool_conv_transpose", "state_update", "contrastive_conv_grad"]
+missing = [o for o in names if not torch._C._dispatch_has_kernel_for_dispatch_key(f"ep_kernels::{o}", "CUDA")]
 assert not missing, f"CUDA kernels not registered: {missing}"
-print("compile_cuda: CUDA kernels registered for", ", ".join(ops))
+print("compile_cuda: CUDA kernels registered for", ", ".join(names))
 PY
 else
     # A copy of the sources (tracked and untracked files, no build outputs).
