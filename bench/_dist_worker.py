@@ -13,7 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from ep_kernels.distributed import GradientReducer, shard_bounds
+from ep_kernels.app.distributed import GradientReducer, shard_bounds
 from ep_kernels.models import build_network
 
 
@@ -80,4 +80,4 @@ if __name__ == "__main__":
     import sys
     main()
     sys.stdout.flush()
-    os._exit(0)  # see ep_kernels.distributed.exit: avoids a rare gloo abort at interpreter teardown
+    os._exit(0)  # see ep_kernels.app.distributed.exit: avoids a rare gloo abort at interpreter teardown

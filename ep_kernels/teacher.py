@@ -6,13 +6,15 @@ network's own activation, so its feature map ``h_l`` has exactly the shape of th
 ``s_l`` and ``FeatureDistillation`` can match them through a 1x1 map. Its targets are
 ``{"features": {l: h_l}, "logits": readout(h_L)}``, the format ``ep_backward(teacher=...)``
 takes.
+
+Training it by backprop is the application's (``ep_kernels.app.teacher.train_teacher``); this
+module needs only torch.
 """
 import copy
 import json
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .relaxation import ACTIVATION_GAIN
 
@@ -57,46 +59,6 @@ class Teacher(nn.Module):
             h = torch.clamp(gain * layer(h), 0.0, 1.0)
             feats[l] = h
         return {"features": feats, "logits": self.readout(h.flatten(1))}
-
-
-def train_teacher(teacher, data, epochs=10, lr=0.05, momentum=0.9, weight_decay=5e-4, batch_size=64, seed=0,
-                  progress=True, log=print):
-    """Backprop training of ``teacher`` on ``data`` (an ``ep_kernels.data.Dataset``).
-    Returns the per-epoch test accuracies."""
-    from tqdm.auto import tqdm
-
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.SGD(teacher.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs))
-    n = len(data.y_train)
-    accs = []
-    for epoch in range(epochs):
-        teacher.train()
-        perm = torch.randperm(n, generator=g)
-        bar = tqdm(range(0, n, batch_size), desc=f"teacher epoch {epoch + 1}/{epochs}", disable=not progress,
-                   leave=False)
-        for i in bar:
-            idx = perm[i:i + batch_size]
-            x, y = data.x_train[idx], data.y_train[idx]
-            if data.augment is not None:
-                x = data.augment(x, g)
-            loss = F.cross_entropy(teacher(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-        sched.step()
-        accs.append(evaluate(teacher, data.x_test, data.y_test, batch_size))
-        log(f"teacher epoch {epoch + 1}/{epochs}: test accuracy {100 * accs[-1]:.2f}%")
-    return accs
-
-
-@torch.no_grad()
-def evaluate(teacher, x, y, batch_size=256):
-    teacher.eval()
-    correct = sum((teacher(x[i:i + batch_size]).argmax(1) == y[i:i + batch_size]).sum().item()
-                  for i in range(0, len(y), batch_size))
-    return correct / max(1, len(y))
 
 
 def save_teacher(teacher, path, meta=None):

@@ -8,7 +8,7 @@
 #   bash examples/deep_digits.sh [OUT_DIR] [EPOCHS] [SEEDS]
 #
 # The preset's own initialisation and schedule are used (centred filters times 3, alternating
-# updates: see ep_kernels/presets.py for why). Results of one run are in
+# updates: see ep_kernels/models.py for why). Results of one run are in
 # examples/results/deep_digits.txt.
 set -euo pipefail
 OUT=${1:-runs/deep_digits}

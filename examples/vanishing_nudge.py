@@ -27,9 +27,10 @@ import time
 import torch
 
 import ep_reference
-from ep_kernels.data import load_dataset
+from ep_kernels.app.data import load_dataset
+from ep_kernels.app.teacher import train_teacher
 from ep_kernels.models import build_network, build_signals, default_signal_layers
-from ep_kernels.teacher import Teacher, train_teacher
+from ep_kernels.teacher import Teacher
 
 
 def layer_cosines(net, g_ep, g_bp):

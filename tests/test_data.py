@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ep_kernels import data
+from ep_kernels.app import data
 
 try:
     import torchvision.datasets  # noqa: F401

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from ep_kernels import train
+from ep_kernels.app import train
 from ep_kernels.intermediate import FeatureDistillation, LocalClassifier, LogitDistillation
 from ep_kernels.layers import EPConv2d
 from ep_kernels.models import build_network, build_signals, default_signal_layers

@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from ep_kernels import train
+from ep_kernels.app import train
 
 # 76 examples in batches of 25: 25, 25, 25, 1 -> slices of 13/12 (uneven) and 1/0 (an empty
 # slice: that rank relaxes a dummy with weight 0); random-sign nudging checks that every rank
@@ -37,7 +37,7 @@ def free_port():
 
 def torchrun(nproc, args, env=None, timeout=TIMEOUT):
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_addr=127.0.0.1",
-           f"--master_port={free_port()}", "--monitor_interval=0.2", "-m", "ep_kernels.train"] + list(args)
+           f"--master_port={free_port()}", "--monitor_interval=0.2", "-m", "ep_kernels.app.train"] + list(args)
     e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
     t0 = time.monotonic()
     p = subprocess.run(cmd, env=e, capture_output=True, text=True, timeout=timeout)
@@ -121,7 +121,7 @@ def test_dying_rank_stops_the_job_and_the_run_resumes(reference, tmp_path):
 
 
 def test_shard_bounds():
-    from ep_kernels.distributed import shard_bounds
+    from ep_kernels.app.distributed import shard_bounds
     for n in (0, 1, 5, 25, 76):
         for world in (1, 2, 3, 8):
             bounds = [shard_bounds(n, r, world) for r in range(world)]

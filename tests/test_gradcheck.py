@@ -5,7 +5,8 @@ import os
 
 import torch
 
-from ep_kernels.gradcheck import gradcheck, main
+from ep_kernels.app.gradcheck import main
+from ep_kernels.gradcheck import gradcheck
 from ep_kernels.testing import make_batch, small_net
 
 
@@ -50,7 +51,7 @@ def test_gradcheck_cli_alternating_schedule(tmp_path, capsys):
 
 def test_gradcheck_checkpoint_of_a_run_with_local_classifiers(tmp_path, capsys):
     """A deep8 run trained with local classifiers: the check rebuilds its signals and schedule."""
-    from ep_kernels import train
+    from ep_kernels.app import train
 
     rd = str(tmp_path / "run")
     assert train.main(["--preset", "deep8", "--width", "0.25", "--limit-train", "32", "--limit-test", "16",

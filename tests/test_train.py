@@ -8,7 +8,9 @@ import sys
 import pytest
 import torch
 
-from ep_kernels import EPNetwork, train
+from ep_kernels import EPNetwork
+from ep_kernels.app import train
+from ep_kernels.app.config import resolve_threads
 from ep_kernels.models import build_network
 
 # A tiny budget: a one-layer EP MLP on 96 digits, a few relaxation steps.
@@ -179,9 +181,9 @@ def test_bad_option_combinations(tmp_path, capsys):
 
 def test_default_threads_are_resolved_and_recorded():
     cfg = dict(train.DEFAULTS)
-    assert train._resolve_threads(dict(cfg))["threads"] == 1  # small preset on CPU
-    assert train._resolve_threads(dict(cfg, threads=3))["threads"] == 3
-    assert train._resolve_threads(dict(cfg, preset="vgg5"))["threads"] == torch.get_num_threads()
+    assert resolve_threads(dict(cfg))["threads"] == 1  # small preset on CPU
+    assert resolve_threads(dict(cfg, threads=3))["threads"] == 3
+    assert resolve_threads(dict(cfg, preset="vgg5"))["threads"] == torch.get_num_threads()
 
 
 def test_presets_shapes():
@@ -207,6 +209,6 @@ def test_presets_shapes():
 
 
 def test_module_entry_point_help():
-    out = subprocess.run([sys.executable, "-m", "ep_kernels.train", "--help"], capture_output=True, text=True,
+    out = subprocess.run([sys.executable, "-m", "ep_kernels.app.train", "--help"], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0 and "--resume" in out.stdout and "--algorithm" in out.stdout

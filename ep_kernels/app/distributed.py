@@ -1,6 +1,6 @@
 """Data-parallel EP training with ``torch.distributed`` (``torchrun``), for ``ep-train``.
 
-    torchrun --nproc_per_node=4 -m ep_kernels.train --preset vgg5 --dataset cifar10 ...
+    torchrun --nproc_per_node=4 -m ep_kernels.app.train --preset vgg5 --dataset cifar10 ...
 
 Why it is exact. ``EPNetwork.ep_backward`` writes the batch-mean EP gradient, and every
 example relaxes independently of the others. So N processes with a global batch of B do what
