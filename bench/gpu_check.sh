@@ -18,8 +18,8 @@ mkdir -p "$OUTDIR"
 LOG="$OUTDIR/gpu_check-build.log"
 echo "gpu_check: $(date -Is) on $(hostname)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv,noheader 2>/dev/null || echo "(no nvidia-smi)"
-python -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
-python -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not installed"
+python3 -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.is_available())"
+python3 -c "import triton; print('triton', triton.__version__)" 2>/dev/null || echo "triton: not installed"
 
 # -- build (in place; the CPU kernels too, so the package is whole) --------------------------
 if [ -z "${CUDA_HOME:-}" ]; then
@@ -28,11 +28,11 @@ if [ -z "${CUDA_HOME:-}" ]; then
     done
 fi
 [ -n "${CUDA_HOME:-}" ] && export PATH="$CUDA_HOME/bin:$PATH"
-export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python -c 'import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0); print(f"{c[0]}.{c[1]}")')}"
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0); print(f"{c[0]}.{c[1]}")')}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
-python -c "import ninja" 2>/dev/null || echo "gpu_check: warning: the ninja package is missing (pip install ninja): the build will be slow"
+python3 -c "import ninja" 2>/dev/null || echo "gpu_check: warning: the ninja package is missing (pip install ninja): the build will be slow"
 echo "gpu_check: building (CUDA_HOME=${CUDA_HOME:-none}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
-timeout 200 python setup.py build_ext --inplace > "$LOG" 2>&1
+timeout 200 python3 setup.py build_ext --inplace > "$LOG" 2>&1
 BUILD_RC=$?
 grep -E "^ep_kernels:" "$LOG" || true
 T1=$(date +%s)
@@ -50,7 +50,7 @@ unset TRITON_INTERPRET EP_KERNELS_BACKEND EP_KERNELS_CUDA_GRAPHS
 ELAPSED=$(( $(date +%s) - T0 ))
 BUDGET=$(( 270 - ELAPSED ))   # the timing section skips what would run past ~4.5 min in all
 [ $BUDGET -lt 60 ] && BUDGET=60
-timeout $(( BUDGET + 40 )) python bench/gpu_check.py --out "$OUTDIR" --build-log "$LOG" --time-budget "$BUDGET" ${GPU_CHECK_ARGS:-} 2>&1 | tee "$OUTDIR/gpu_check.log"
+timeout $(( BUDGET + 40 )) python3 bench/gpu_check.py --out "$OUTDIR" --build-log "$LOG" --time-budget "$BUDGET" ${GPU_CHECK_ARGS:-} 2>&1 | tee "$OUTDIR/gpu_check.log"
 RC=${PIPESTATUS[0]}
 echo "gpu_check: done in $(( $(date +%s) - T0 )) s (rc $RC); results in $OUTDIR/gpu_check-latest.json"
 exit $RC
