@@ -26,7 +26,6 @@ check the script itself; CI runs it.
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -44,7 +43,6 @@ if DRY:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 REPORT = {"when": datetime.datetime.now().isoformat(timespec="seconds"), "sections": {}, "errors": {}}
 FAILED_ROWS = []  # every failed row of every section: a non-empty list makes the script exit 1

@@ -2,7 +2,7 @@
 
 One pytest-benchmark group per (op, layer); the reference is the group's baseline, so the
 report of ``bench/conftest.py`` prints the compiled op's speedup next to it (and writes it to
-``bench/results/latest.json``). Layers (DESIGN.md section 3, issue 3):
+``bench/results/latest.json``). Layers (docs/design.md, "The ops"):
 
     l1: 3 -> 128 @ 32x32, pad 1, pool 2      l2: 128 -> 256 @ 16x16, pad 1, pool 2
     l3: 256 -> 512 @ 8x8, pad 1, pool 2      l4: 512 -> 512 @ 4x4, pad 0, pool 2
@@ -14,14 +14,13 @@ thread count (the default is torch's).
 
 Run: ``pytest bench/test_bench_ops.py --benchmark-only``.
 """
-import math
 import os
 
 import pytest
 import torch
 
 import ep_kernels.ops as ops
-from ep_kernels import _ext, use_backend
+from ep_kernels import _ext, testing, use_backend
 
 pytestmark = pytest.mark.skipif(not _ext.compiled_available(), reason="compiled extension not built")
 
@@ -30,35 +29,26 @@ if os.environ.get("EP_BENCH_THREADS"):
     torch.set_num_threads(int(os.environ["EP_BENCH_THREADS"]))
 
 BATCH = 32
-# name: (C_in, C_out, H (= W), padding)
-LAYERS = {
-    "l1 3->128@32": (3, 128, 32, 1),
-    "l2 128->256@16": (128, 256, 16, 1),
-    "l3 256->512@8": (256, 512, 8, 1),
-    "l4 512->512@4": (512, 512, 4, 0),
-}
+# VGG-5's four layers (the harness's VGG5_CASES) at batch 32
+LAYERS = {f"l{i + 1} {c[1]}->{c[2]}@{c[3]}": (BATCH,) + c[1:] for i, c in enumerate(testing.VGG5_CASES)}
 IMPLS = ["reference", "cpu"]
 _CACHE = {}
 
 
 def _layer(name):
-    """Inputs for every op of one layer (built once per layer)."""
+    """Inputs for every op of one layer (built once per layer): the harness's conv_setup, and
+    states uniform in (0, 1) without exact zeros (the sparse kernels' worst case)."""
     if name in _CACHE:
         return _CACHE[name]
-    cin, cout, h, pad = LAYERS[name]
-    g = torch.Generator().manual_seed(hash(name) % 2 ** 31)
-    x_a = torch.rand(BATCH, cin, h, h, generator=g)
-    x_b = torch.rand(BATCH, cin, h, h, generator=g)
-    w = (torch.rand(cout, cin, 3, 3, generator=g) * 2 - 1) / math.sqrt(cin * 9)
-    b = (torch.rand(cout, generator=g) * 2 - 1) * 0.1
-    conv = dict(stride=[1, 1], padding=[pad, pad], dilation=[1, 1], groups=1)
-    d_a, i_a = ops.conv_pool_drive_ref(x_a, w, b, pool=2, **conv)
-    _, i_b = ops.conv_pool_drive_ref(x_b, w, b, pool=2, **conv)
+    g = torch.Generator().manual_seed(sum(map(ord, name)))
+    x_a, w, b, conv, pool, hc = testing.conv_setup(LAYERS[name], torch.float32, g)
+    x_b = torch.rand(x_a.shape, generator=g)
+    d_a, i_a = ops.conv_pool_drive_ref(x_a, w, b, pool=pool, **conv)
+    _, i_b = ops.conv_pool_drive_ref(x_b, w, b, pool=pool, **conv)
     s_a = torch.rand(d_a.shape, generator=g).clamp_min_(1e-3)
     s_b = torch.rand(d_a.shape, generator=g).clamp_min_(1e-3)
-    hc = h + 2 * pad - 2
     _CACHE[name] = dict(x_a=x_a, x_b=x_b, w=w, b=b, conv=conv, d_a=d_a, i_a=i_a, i_b=i_b, s_a=s_a, s_b=s_b,
-                        hw=[h, h], hc=[hc, hc], td=torch.rand(d_a.shape, generator=g) - 0.5)
+                        hw=list(x_a.shape[2:]), hc=hc, td=torch.rand(d_a.shape, generator=g) - 0.5)
     return _CACHE[name]
 
 
@@ -78,22 +68,17 @@ def test_conv_pool_drive(benchmark, layer, impl):
          lambda: ops.conv_pool_drive(d["x_a"], d["w"], d["b"], pool=2, **d["conv"]))
 
 
-@pytest.mark.parametrize("impl", IMPLS + ["cpu-packed"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_pool_conv_transpose(benchmark, layer, impl):
-    """``cpu-packed``: the weight packed once outside the timed call (pack_top_down_weight),
-    as a relaxation does it for its hundreds of steps with the same weights."""
+    """The compiled kernel packs the weight on its first call and reuses the packing while the
+    weight's bytes are unchanged (the warm-up round makes it), as in a relaxation's steps."""
     d = _layer(layer)
-    packed = None
-    if impl == "cpu-packed":
-        with use_backend("cpu"):
-            packed = ops.pack_top_down_weight(d["w"])
     _run(benchmark, "pool_conv_transpose", layer, impl,
-         lambda: ops.pool_conv_transpose(d["s_a"], d["i_a"], d["w"], d["hw"], d["hc"], pool=2,
-                                         packed_weight=packed, **d["conv"]))
+         lambda: ops.pool_conv_transpose(d["s_a"], d["i_a"], d["w"], d["hw"], d["hc"], pool=2, **d["conv"]))
 
 
-@pytest.mark.parametrize("impl", ["reference", "cpu-packed"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("layer", list(LAYERS)[1:])
 def test_pool_conv_transpose_relaxed_states(benchmark, layer, impl):
     """The same with 35% exact zeros in s, the fraction measured in VGG-5 states mid-relaxation
@@ -101,13 +86,8 @@ def test_pool_conv_transpose_relaxed_states(benchmark, layer, impl):
     d = _layer(layer)
     g = torch.Generator().manual_seed(7)
     s = d["s_a"].masked_fill(torch.rand(d["s_a"].shape, generator=g) < 0.35, 0.0)
-    packed = None
-    if impl == "cpu-packed":
-        with use_backend("cpu"):
-            packed = ops.pack_top_down_weight(d["w"])
     _run(benchmark, "pool_conv_transpose(35% zero states)", layer, impl,
-         lambda: ops.pool_conv_transpose(s, d["i_a"], d["w"], d["hw"], d["hc"], pool=2, packed_weight=packed,
-                                         **d["conv"]))
+         lambda: ops.pool_conv_transpose(s, d["i_a"], d["w"], d["hw"], d["hc"], pool=2, **d["conv"]))
 
 
 @pytest.mark.parametrize("impl", IMPLS)

@@ -1,4 +1,4 @@
-"""Relaxation benchmarks on VGG-5 (DESIGN.md section 3; issue 3).
+"""Relaxation benchmarks on VGG-5 (docs/design.md, "The ops").
 
 One relaxation step and one full ``ep_backward`` (T1 = 250, T2 = 25, symmetric) at batch
 32, float32, for three implementations of the same mathematics:
@@ -25,24 +25,18 @@ import pytest
 import torch
 
 import ep_reference
-from ep_kernels import EPConv2d, EPNetwork, use_backend
-from ep_kernels.engine import ACTIVATION_GAIN, prepare_layers, relax
+from ep_kernels import testing, use_backend
+from ep_kernels.relaxation import ACTIVATION_GAIN, prepare_layers, relax
 
 from conftest import record
 
 QUICK = os.environ.get("EP_BENCH_QUICK") == "1"
 BATCH = 4 if QUICK else 32
 T1, T2 = (20, 5) if QUICK else (250, 25)
-CH = (8, 16, 32, 32) if QUICK else (128, 256, 512, 512)
 
 
 def vgg5(dtype=torch.float32, seed=0):
-    torch.manual_seed(seed)
-    c = CH
-    net = EPNetwork(EPConv2d(3, c[0], 3, padding=1, pool=2), EPConv2d(c[0], c[1], 3, padding=1, pool=2),
-                    EPConv2d(c[1], c[2], 3, padding=1, pool=2), EPConv2d(c[2], c[3], 3, padding=0, pool=2),
-                    readout=torch.nn.Linear(c[3], 10), activation="hardsigmoid_half")
-    return net.to(dtype)
+    return testing.vgg5(width=1 / 16 if QUICK else 1.0, dtype=dtype, seed=seed)
 
 
 def batch(n=BATCH, seed=1):
@@ -56,18 +50,6 @@ def setup():
     x, y = batch()
     states, _ = net.free_phase(x, T1=20)  # a typical mid-relaxation state, not zeros
     return net, x, y, states
-
-
-def step_flops(net, x):
-    """Multiply-adds x 2 of one dense explicit step: every forward conv, and the transposed
-    conv of every layer above the first."""
-    total, shape = 0, tuple(x.shape[1:])
-    for l, layer in enumerate(net.layers):
-        h, w = layer.conv_out_size(shape[1:])
-        f = 2 * x.shape[0] * layer.out_channels * h * w * layer.in_channels * 9
-        total += f * (2 if l > 0 else 1)
-        shape = layer.state_shape(shape)
-    return total
 
 
 # -- one relaxation step ------------------------------------------------------------------
@@ -84,7 +66,7 @@ PATHS = {"explicit-dense": ("reference", None), "fused-cpu": ("cpu", None),
 
 
 def bench_relax(benchmark, setup, steps, backend, rounds, compute_dtype=None, schedule="synchronous"):
-    """Time ``steps`` relaxation steps of the fused loop (``engine.relax``) from the setup's
+    """Time ``steps`` relaxation steps of the fused loop (``relaxation.relax``) from the setup's
     mid-relaxation states, weights prepared and first drive computed once outside the timing."""
     net, x, _, states = setup
     gain = ACTIVATION_GAIN[net.activation]
@@ -104,7 +86,7 @@ def test_step_explicit(benchmark, setup, path):
     benchmark.group = "vgg5 one relaxation step, batch 32"
     benchmark.name = f"test_step_explicit[{path}]"
     bench_relax(benchmark, setup, 1, backend, 5, compute_dtype)
-    flops = step_flops(net, x)
+    flops = testing.step_flops(net, x)
     benchmark.extra_info["gflop_per_step_dense"] = flops / 1e9
     benchmark.extra_info["effective_gflops"] = flops / benchmark.stats.stats.mean / 1e9
 

@@ -275,8 +275,6 @@ def make_batch(n=4, H=8, dtype=torch.float64, seed=1, flat=False, channels=2, n_
 def vgg5(width=1.0, dtype=torch.float32, seed=0, n_classes=10, **kw):
     """The ``vgg5`` preset (128-256-512-512 channels times ``width``, 32 x 32 x 3 inputs), as
     ``ep-train --preset vgg5`` builds it, seeded."""
-    from .models import build_network
-
     torch.manual_seed(seed)
     return build_network("vgg5", (3, 32, 32), n_classes, width=width, **kw).to(dtype)
 

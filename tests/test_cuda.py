@@ -13,7 +13,8 @@ import ep_kernels
 import ep_kernels.ops as ops
 from ep_kernels import RelaxationDiverged, _backend, cuda_graphs, engine, relaxation, use_backend
 from ep_kernels.testing import grads, make_batch, small_net
-from ep_kernels.testing import CONV_CASES, conv_setup, random_window_indices, random_state, assert_close_scaled
+from ep_kernels import testing
+from ep_kernels.testing import CASE_IDS, CONV_CASES
 
 HAS_CUDA = torch.cuda.is_available()
 gpu = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
@@ -173,42 +174,16 @@ def _require(backend):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
-@pytest.mark.parametrize("case", CONV_CASES, ids=[f"case{i}" for i in range(len(CONV_CASES))])
-def test_gpu_ops_match_reference(case, backend, gen):
+@pytest.mark.parametrize("case", CONV_CASES, ids=CASE_IDS)
+def test_gpu_ops_match_reference(case, backend, dtype, gen):
+    """The harness's checks (the CPU and Triton tests' own), on CUDA tensors."""
     _require(backend)
-    dtype = torch.float64
-    x, weight, bias, conv, pool, (hc, wc) = conv_setup(case, dtype, gen)
-    n, cout = x.shape[0], weight.shape[0]
-    x, weight, bias = x.cuda(), weight.cuda(), bias.cuda()
-    with use_backend(backend):
-        d, i = ops.conv_pool_drive(x, weight, bias, pool=pool, **conv)
-    rd, ri = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)
-    torch.testing.assert_close(d, rd, rtol=1e-12, atol=1e-12)
-    assert torch.equal(i, ri)
-    s = random_state(gen, (n, cout, hc // pool, wc // pool), dtype).cuda()
-    idx = (random_window_indices(gen, n, cout, hc, wc, pool) if pool > 1 else torch.empty(0, dtype=torch.int64)).cuda()
-    args = (list(x.shape[2:]), [hc, wc])
-    with use_backend(backend):
-        out = ops.pool_conv_transpose(s, idx, weight, *args, pool=pool, **conv)
-    ref = ops.pool_conv_transpose_ref(s, idx, weight, *args, pool=pool, **conv)
-    assert_close_scaled(out, ref, ops.pool_conv_transpose_ref(s.abs(), idx, weight.abs(), *args, pool=pool, **conv),
-                         1e-12)
-    gw, gw_ref = torch.zeros_like(weight), torch.zeros_like(weight)
-    gb, gb_ref = torch.zeros_like(bias), torch.zeros_like(bias)
-    cargs = (x, s, idx, x.flip(0), s.flip(0), idx.flip(0), [hc, wc], conv["stride"], conv["padding"],
-             conv["dilation"], conv["groups"], pool, -0.37)
-    with use_backend(backend):
-        ops.contrastive_conv_grad(*cargs, gw, gb)
-    ops.contrastive_conv_grad_ref(*cargs, gw_ref, gb_ref)
-    torch.testing.assert_close(gw, gw_ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(gb, gb_ref, rtol=1e-10, atol=1e-10)
-    prev = torch.rand_like(out)
-    o, o_ref = torch.empty_like(out), torch.empty_like(out)
-    with use_backend(backend):
-        ch = ops.state_update(out, out, None, prev, 0.5, o)
-    ch_ref = ops.state_update_ref(out, out, None, prev, 0.5, o_ref)
-    assert torch.equal(o, o_ref) and torch.equal(ch, ch_ref)
+    testing.check_conv_pool_drive(backend, "cuda", dtype, case, gen)
+    testing.check_pool_conv_transpose(backend, "cuda", dtype, case, gen)
+    testing.check_contrastive_conv_grad(backend, "cuda", dtype, case, gen)
+    testing.check_state_update(backend, "cuda", dtype, case[:4], 0.5, "all", gen)
 
 
 @gpu
