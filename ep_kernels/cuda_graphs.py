@@ -1,4 +1,4 @@
-"""Whole relaxation phases as CUDA graphs (DESIGN.md section 3, kernel 5).
+"""Whole relaxation phases as CUDA graphs (docs/design.md, "CUDA graphs").
 
 A phase is hundreds of identical steps; on a GPU each step is dozens of small kernel launches,
 and at batch 128 the launches cost more than the arithmetic. Here the steps between two

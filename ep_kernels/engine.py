@@ -114,7 +114,7 @@ def contrastive_update(layers, x, states_a, states_b, x_b, scale):
 
 
 def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep_states=False, teacher=None):
-    """Free phase, nudged phase(s), EP gradient into ``.grad``. See DESIGN.md section 2."""
+    """Free phase, nudged phase(s), EP gradient into ``.grad``. See docs/design.md, "The EP gradient"."""
     layers, gain = net.layers, ACTIVATION_GAIN[net.activation]
     plan = net.plan_for(x)
     n = x.shape[0]

@@ -1,4 +1,4 @@
-"""Intermediate error signals (DESIGN.md section 4): extra terms ``lambda_l * L_l(s_l)`` of
+"""Intermediate error signals (docs/design.md, "Intermediate error signals"): extra terms ``lambda_l * L_l(s_l)`` of
 the cost ``C(s)`` that nudge hidden layers directly, so deep EP networks do not suffer
 vanishing nudges.
 
@@ -48,7 +48,7 @@ class IntermediateSignal(nn.Module):
 
 
 def _pooled(s, pool_size):
-    # Average-pool a conv state to pool_size x pool_size (DESIGN: "on the (average-pooled) state").
+    # Average-pool a conv state to pool_size x pool_size (docs/design.md, "Signal kinds").
     return F.adaptive_avg_pool2d(s, pool_size).flatten(1) if s.dim() == 4 else s.flatten(1)
 
 

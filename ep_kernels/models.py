@@ -5,8 +5,8 @@
   3x3 convolutions with padding 1, 1, 1, 0, a 2x2 max-pool after each, linear readout
   (32x32 inputs: 32 -> 16 -> 8 -> 4 -> 2 -> 1, readout 512 -> classes).
 - ``mlp``: fully connected state layers, for quick checks.
-- ``vgg11``, ``vgg13``, ``vgg16``: deep VGG-style EP networks for 32x32 inputs (DESIGN.md
-  section 4): 8, 10 and 13 3x3 convolutions with padding 1 in five blocks, a 2x2 max-pool on
+- ``vgg11``, ``vgg13``, ``vgg16``: deep VGG-style EP networks for 32x32 inputs (docs/design.md,
+  "Deep presets' initialisation"): 8, 10 and 13 3x3 convolutions with padding 1 in five blocks, a 2x2 max-pool on
   the last convolution of each block (``EPConv2d(pool=2)``: 32 -> 16 -> 8 -> 4 -> 2 -> 1),
   linear readout 512 -> classes. Channels 64-128-256-512-512 (times ``width``).
 - ``deep8``: a reduced deep preset for the bundled 8x8 digits (CPU demonstrations of the
@@ -206,7 +206,7 @@ def parse_signal_layers(text, net=None):
 
 
 def build_signals(net, kinds=("classifier",), layers="auto", lambdas=1.0, tau=4.0, pool_size=1, attach=True):
-    """Intermediate error signals for ``net`` (DESIGN.md section 4); attached to ``net.signals``
+    """Intermediate error signals for ``net`` (docs/design.md, "Signal kinds"); attached to ``net.signals``
     (replacing any there) unless ``attach=False``. Returns the list of signals.
 
     - ``kinds``: any of ``"classifier"`` (a ``LocalClassifier`` at each chosen layer),

@@ -65,7 +65,7 @@ class EPNetwork(nn.Module):
             sig.state_index(len(layers))  # range check
             if sig.layer == "readout" and readout is None:
                 raise ValueError("LogitDistillation(layer='readout') needs a readout (cross-entropy mode)")
-        # Training-only terms of the cost (DESIGN.md section 4); empty for plain EP.
+        # Training-only terms of the cost (docs/design.md, "How signals enter the cost and the nudges"); empty for plain EP.
         self.signals = nn.ModuleList(signals)
         self.activation = activation
         self.T1, self.T2 = _check_steps("T1", T1), _check_steps("T2", T2)

@@ -151,7 +151,7 @@ def alternating_step(layers, first_drive, states, out, shapes, prepared, nudge_f
     """
     L = len(layers)
     nudge = nudge_fn(states) if nudge_fn is not None else [None] * L
-    # Each layer's nudge depends on its own state only (DESIGN.md section 4), and a layer of
+    # Each layer's nudge depends on its own state only (docs/design.md, "How signals enter the cost and the nudges"), and a layer of
     # the second half has not moved during the first: one evaluation serves both halves.
     cached = cache.get("second_half", {}) if cache is not None else {}
     drives = [None] * L

@@ -1,5 +1,5 @@
 """A feed-forward teacher of the same topology as an EP network, trained by backprop, for
-the distillation signals of DESIGN.md section 4.
+the distillation signals (docs/design.md, "The teacher").
 
 The teacher runs each synapse once, bottom-up: ``h_l = sigma(a_l(h_{l-1}))`` with the EP
 network's own activation, so its feature map ``h_l`` has exactly the shape of the EP state

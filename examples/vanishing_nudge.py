@@ -2,7 +2,7 @@
 
 On a deep preset (``deep8``: 8 convolutions on the bundled 8x8 digits, channels reduced so it
 runs on a CPU in a few minutes), for the same initial weights and the same minibatch, with and
-without intermediate error signals (DESIGN.md section 4):
+without intermediate error signals (docs/design.md, "The vanishing nudge"):
 
 - per layer, the mean |s+ - s*| of the nudged state against the free equilibrium, at the
   training settings (``--beta``, ``--T1``, ``--T2``), and its ratio to the top layer's;
@@ -116,7 +116,7 @@ def main(argv=None):
         print(f"teacher (backprop, {args.teacher_epochs} epochs): test accuracy {100 * accs[-1]:.2f}%",
               file=sys.stderr)
 
-    results = {"settings": vars(args), "signal_layers": default_signal_layers(base),
+    results = {"settings": dict(vars(args), out=os.path.relpath(args.out)), "signal_layers": default_signal_layers(base),
                "n_layers": len(base.layers), "channels": [l.out_channels for l in base.layers], "configs": {}}
     for c in configs:
         net = copy.deepcopy(base)

@@ -1,4 +1,4 @@
-"""Shared fixtures: a seeded generator and the float dtypes with their tolerances."""
+"""Shared fixtures: a seeded generator and the float dtypes (tolerances: ep_kernels.testing.RTOL)."""
 import pytest
 import torch
 
@@ -33,8 +33,8 @@ def no_backend_env(monkeypatch):
     monkeypatch.delenv("EP_KERNELS_BACKEND", raising=False)
 
 
-# Triton kernels run under the Triton interpreter on machines without a GPU (DESIGN.md
-# section 6); the variable must be set before ep_kernels.triton defines its kernels, which
+# Triton kernels run under the Triton interpreter on machines without a GPU (docs/design.md,
+# "Choosing a backend"); the variable must be set before ep_kernels.triton defines its kernels, which
 # happens on the first use of the 'triton' backend (never at collection).
 import os  # noqa: E402
 

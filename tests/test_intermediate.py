@@ -1,4 +1,4 @@
-"""Intermediate error signals (DESIGN.md section 4): the fast path against the independent
+"""Intermediate error signals (docs/design.md, "How signals enter the cost and the nudges"): the fast path against the independent
 reference ``ep_reference``, which gets the same terms by writing the cost
 ``C = L_out + sum_l lambda_l L_l(s_l)`` into ``Phi_beta = Phi - beta C`` and relaxing by
 autograd (so its extra nudges are never written by hand).

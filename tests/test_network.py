@@ -59,7 +59,7 @@ def _ep_vs_bptt(net, x, y, beta, T1, T2, nudging="symmetric"):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("seed", [2, 3])
 def test_ep_matches_bptt_float64(seed, backend):
-    """DESIGN.md: in float64, converged phases, beta 1e-3, symmetric EP = BPTT to cos >= 0.9999.
+    """docs/design.md, "How gradients are judged": in float64, converged phases, beta 1e-3, symmetric EP = BPTT to cos >= 0.9999.
 
     Holds where no max-pool winner or clamp boundary switches between s+ and s- (with
     seed 1 one unit crosses the clamp boundary and cosine drops to 0.9995; ep-gradcheck

@@ -240,7 +240,7 @@ def test_pool_conv_transpose_low_precision_dense_path(dt, gen):
 
 
 def test_pool_conv_transpose_is_the_gradient_of_phi(gen):
-    """W^T U(s) = d<s, P(W*x + b)>/dx with the argmax fixed (DESIGN.md, section 2)."""
+    """W^T U(s) = d<s, P(W*x + b)>/dx with the argmax fixed (docs/design.md, "The state update")."""
     x, weight, bias, conv, pool, (hc, wc) = conv_setup(CONV_CASES[0], torch.float64, gen)
     x.requires_grad_(True)
     d, idx = ops.conv_pool_drive_ref(x, weight, bias, pool=pool, **conv)

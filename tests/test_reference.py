@@ -1,4 +1,4 @@
-"""Tests of the independent reference ``ep_reference`` (DESIGN.md section 2).
+"""Tests of the independent reference ``ep_reference`` (docs/design.md, "The independent reference").
 
 Everything in float64 on tiny networks, so that the comparisons measure the mathematics
 (bias of the estimators, convergence) rather than rounding. The hand-written step below

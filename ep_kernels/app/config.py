@@ -26,7 +26,7 @@ DEFAULTS = dict(
     seed=0, threads=None, device="cpu",
 )
 
-# Intermediate signals and distillation (DESIGN.md section 4). Every choice is an option stored
+# Intermediate signals and distillation (docs/design.md, "Intermediate error signals"). Every choice is an option stored
 # in config.json (the paper's method is not fully public).
 SIGNAL_DEFAULTS = dict(
     signals="none", signal_layers="auto", lambdas="1.0", tau=4.0, signal_pool=1,

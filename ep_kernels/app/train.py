@@ -156,11 +156,11 @@ def _explicit_options(parser, argv):
     return given
 
 
-# --- intermediate signals and distillation (DESIGN.md section 4) ------------------------------
+# --- intermediate signals and distillation (docs/design.md, "Intermediate error signals") ------------------------------
 
 def _add_signal_options(p):
     d = SIGNAL_DEFAULTS
-    g = p.add_argument_group("intermediate signals and distillation (DESIGN.md section 4)")
+    g = p.add_argument_group("intermediate signals and distillation (docs/design.md, 'Intermediate error signals')")
     g.add_argument("--signals", default=d["signals"],
                    help="extra cost terms: classifier (local classifier heads), feature (feature distillation "
                         "to a teacher through 1x1 maps), logit (KD at the readout), comma-separated, or none "

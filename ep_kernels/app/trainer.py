@@ -61,7 +61,7 @@ def make_optimizer(net, lrs, momentum, weight_decay):
     groups = [(f"layers.{i}", list(layer.parameters())) for i, layer in enumerate(net.layers)]
     if net.readout is not None:
         groups.append(("readout", list(net.readout.parameters())))
-    signals = getattr(net, "signals", None)  # training-only heads of DESIGN.md section 4
+    signals = getattr(net, "signals", None)  # training-only heads (docs/design.md, "How signals enter the cost and the nudges")
     if signals is not None and len(list(signals.parameters())):
         groups.append(("signals", list(signals.parameters())))
     covered = {id(p) for _, ps in groups for p in ps}

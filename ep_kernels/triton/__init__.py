@@ -1,4 +1,4 @@
-"""Triton kernels of the EP ops (the ``triton`` backend; DESIGN.md section 3).
+"""Triton kernels of the EP ops (the ``triton`` backend; docs/design.md, "The ops").
 
 One op per module, each with the signature of its ``ep_kernels.ops`` wrapper (which checks
 the arguments and calls these when the backend is ``triton``):

@@ -1,6 +1,6 @@
 """Triton ``contrastive_conv_grad``: ``grad_weight += scale * (dW(x_a, U(s_a)) - dW(x_b, U(s_b)))``
-for both states in one kernel, accumulated into ``grad_weight`` in place (DESIGN.md section 3,
-kernel 4).
+for both states in one kernel, accumulated into ``grad_weight`` in place (docs/design.md,
+"contrastive_conv_grad").
 
 An implicit GEMM per group: rows are output channels co, columns are (ci, i, j) of the weight,
 and the reduction runs over the pooled positions (n, ph, pw) of both states, with the k x k

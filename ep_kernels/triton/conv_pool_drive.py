@@ -1,6 +1,6 @@
 """Triton ``conv_pool_drive``: the convolution by torch (cuDNN on a GPU), then one Triton
 epilogue that adds the bias, max-pools k x k (stride k) and writes the argmax: the
-full-resolution output is read once and never written again (DESIGN.md section 3, kernel 1).
+full-resolution output is read once and never written again (docs/design.md, "conv_pool_drive").
 
 Winner rule as ``F.max_pool2d``: a value wins if it is greater than the best so far or is
 NaN, scanning the window in row-major order (ties go to the first position; the last NaN of

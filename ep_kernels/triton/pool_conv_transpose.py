@@ -1,7 +1,7 @@
 """Triton ``pool_conv_transpose``: the top-down signal ``W^T * U(s)`` through a max-pool and a
 convolution, as one implicit GEMM whose A operand is the max-unpooled state built on the fly
-from ``(s, indices)``: the full-resolution unpooled map is never written (DESIGN.md section 3,
-kernel 2).
+from ``(s, indices)``: the full-resolution unpooled map is never written (docs/design.md,
+"pool_conv_transpose").
 
 Output element (n, ci, y, x) = sum over kernel taps (i, j) and the group's output channels co
 of ``W[co, ci, i, j] * U[n, co, yc, xc]``, where (yc, xc) is the convolution position that tap

@@ -1,5 +1,5 @@
 """Triton ``state_update``: ``out = clamp(gain * (drive + top_down + nudge), 0, 1)`` and
-``max |out - prev|`` in one pass (DESIGN.md section 3, kernel 3).
+``max |out - prev|`` in one pass (docs/design.md, "state_update").
 
 Each program handles ``BLOCK`` elements and writes its block's max change (NaN if any change
 is NaN) to a partial buffer; ``torch.max`` of the partials (NaN-propagating) gives the

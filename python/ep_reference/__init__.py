@@ -1,6 +1,6 @@
 """ep_reference: an independent pure-PyTorch reference of Equilibrium Propagation.
 
-The "proof" implementation of DESIGN.md section 2, written the way the published EP codes
+The "proof" implementation of docs/design.md ("The energy and the dynamics", "The EP gradient"), written the way the published EP codes
 (Laborieux et al. 2021) are: relaxation by autograd of the primitive function Phi,
 EP gradients by autograd of Phi w.r.t. the parameters at fixed states, BPTT by autograd
 through the steps. It shares no code with ``ep_kernels`` and imports only torch.
@@ -10,7 +10,7 @@ through the steps. It shares no code with ``ep_kernels`` and imports only torch.
     bp = bptt_gradient(ref, x, y, T1)
     cosine_and_relerr(ep.grads, bp.grads)        # name -> (cosine, relative error)
 
-Intermediate error signals (DESIGN.md section 4) are part of the cost C when the net has them
+Intermediate error signals (docs/design.md, "How signals enter the cost and the nudges") are part of the cost C when the net has them
 (``ReferenceNet(..., signals=[dict(kind=..., layer=..., weight=..., ...)])`` or read from
 ``net.signals``); distillation targets are passed as ``teacher={"features": {layer: t},
 "logits": t}`` to ``ep_gradient``, ``bptt_gradient``, ``gdu_curves`` (and ``cost``, ``step``).

@@ -1,4 +1,4 @@
-"""Phi, the cost, and relaxation by autograd of Phi (DESIGN.md section 2).
+"""Phi, the cost, and relaxation by autograd of Phi (docs/design.md, "The energy and the dynamics").
 
 As in the public code of Laborieux et al. 2021, the update is ``s_l <- sigma(dPhi_beta/ds_l)``
 with the derivative taken by ``torch.autograd.grad``. That gives, with nothing written by
@@ -8,7 +8,7 @@ backward of ``F.max_pool2d`` routes to its argmax, first position on ties), and 
 ``-beta dC/ds``. All layers update synchronously from the same old state, or (the
 ``alternating`` schedule) odd-numbered layers first, then even-numbered ones.
 
-The cost is ``C = L_out + sum_l lambda_l L_l(s_l)`` (DESIGN.md section 4): the intermediate
+The cost is ``C = L_out + sum_l lambda_l L_l(s_l)`` (docs/design.md, "How signals enter the cost and the nudges"): the intermediate
 error signals of ``ref.signals`` are part of it, so ``Phi_beta = Phi - beta C`` and the same
 autograd step gives each supervised layer its extra nudge ``-beta lambda_l dL_l/ds_l``.
 Distillation targets come as ``teacher = {"features": {layer: tensor}, "logits": tensor}``.

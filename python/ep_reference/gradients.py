@@ -1,4 +1,4 @@
-"""EP gradient, BPTT gradient, and the step-by-step GDU comparison (DESIGN.md section 2).
+"""EP gradient, BPTT gradient, and the step-by-step GDU comparison (docs/design.md, "The EP gradient").
 
 Every parameter gradient here is an autograd gradient of a scalar written in plain torch:
 dPhi/dtheta at fixed states for EP, the loss after ``T1`` differentiable steps for BPTT.

@@ -1,4 +1,4 @@
-"""`ReferenceNet`: a plain description of an EP network (DESIGN.md section 2).
+"""`ReferenceNet`: a plain description of an EP network (docs/design.md, "The energy and the dynamics").
 
 It holds detached clones of the parameter tensors, named as ``named_parameters()`` of an
 ``EPNetwork`` names them (``layers.<i>.weight``, ``layers.<i>.bias``, ``readout.weight``,
@@ -36,7 +36,7 @@ SIGNAL_KINDS = ("classifier", "feature", "logit")
 
 @dataclass(frozen=True)
 class Signal:
-    """One intermediate error signal ``weight * L(s_index)`` of the cost (DESIGN.md section 4).
+    """One intermediate error signal ``weight * L(s_index)`` of the cost (docs/design.md, "Signal kinds").
 
     ``layer`` is the key as given (an int, possibly negative, or ``"readout"``): teacher
     features are looked up under it. ``index`` is the state it reads (0-based, into the
