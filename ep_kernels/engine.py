@@ -113,6 +113,14 @@ def contrastive_update(layers, x, states_a, states_b, x_b, scale):
         layer.accumulate_contrastive_grad(ins_a[l], states_a[l], idx_a, ins_b[l], states_b[l], idx_b, scale)
 
 
+def _grad_change(layer, before):
+    """Mean |change of .grad| over a layer's trainable parameters during this call (0 if frozen)."""
+    changes = [(p.grad - (0 if b0 is None else b0)).abs().sum().item()
+               for p, b0 in zip(layer.parameters(), before) if p.grad is not None and p.requires_grad]
+    n = sum(p.numel() for p in layer.parameters() if p.requires_grad)
+    return sum(changes) / n if n else 0.0
+
+
 def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep_states=False, teacher=None):
     """Free phase, nudged phase(s), EP gradient into ``.grad``. See docs/design.md, "The EP gradient"."""
     layers, gain = net.layers, ACTIVATION_GAIN[net.activation]
@@ -152,11 +160,7 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep
             contrastive_update(layers, x, s_plus, s_star, x, -1.0 / (b * n))
             head_states = (s_star,)
         nudge_mag = [(sp - ss).abs().mean().item() for sp, ss in zip(s_plus, s_star)]
-        grad_mag = []
-        for layer, before in zip(layers, grads_before):
-            ps = list(layer.parameters())
-            grad_mag.append(sum((p.grad - (0 if b0 is None else b0)).abs().sum().item() for p, b0 in zip(ps, before))
-                            / sum(p.numel() for p in ps))
+        grad_mag = [_grad_change(layer, before) for layer, before in zip(layers, grads_before)]
         total, loss, logits, aux = total_cost(net, s_star, y, teacher)
     # Readout and signal heads: the ordinary gradient of their cost, averaged over the nudged
     # states (symmetric) or at the free state (one-sided: no two-sided average exists, and

@@ -31,7 +31,10 @@ def _cast(t, dtype):
 
 
 def _grad_buffer(p):
-    # Accumulate like autograd: create .grad on first use, add afterwards.
+    """``p.grad``, created on first use (accumulate like autograd); None for a frozen
+    parameter (``requires_grad=False``), whose gradient autograd would not fill either."""
+    if p is None or not p.requires_grad:
+        return None
     if p.grad is None:
         p.grad = torch.zeros_like(p)
     return p.grad
@@ -108,10 +111,13 @@ class EPConv2d(nn.Conv2d):
         return out.to(s.dtype)
 
     def accumulate_contrastive_grad(self, x_a, s_a, idx_a, x_b, s_b, idx_b, scale):
+        gw, gb = _grad_buffer(self.weight), _grad_buffer(self.bias)
+        if gw is None:  # a frozen weight: only the bias (a per-channel sum of the states) learns
+            if gb is not None:
+                gb.add_(s_a.sum((0, 2, 3)) - s_b.sum((0, 2, 3)), alpha=scale)
+            return
         ops.contrastive_conv_grad(x_a, s_a, idx_a, x_b, s_b, idx_b, self.conv_out_size(x_a.shape[2:]),
-                                  pool=self.pool, scale=scale, grad_weight=_grad_buffer(self.weight),
-                                  grad_bias=None if self.bias is None else _grad_buffer(self.bias),
-                                  **self.conv_args())
+                                  pool=self.pool, scale=scale, grad_weight=gw, grad_bias=gb, **self.conv_args())
 
     def forward(self, x):
         """The drive ``P(W * x + b)``: the feed-forward use of the same synapse."""
@@ -145,11 +151,12 @@ class EPLinear(nn.Linear):
         return out.to(s.dtype).view(s.shape[0], *prev_shape)
 
     def accumulate_contrastive_grad(self, x_a, s_a, idx_a, x_b, s_b, idx_b, scale):
-        gw = _grad_buffer(self.weight)
-        gw.addmm_(s_a.t(), x_a.flatten(1), alpha=scale)
-        gw.addmm_(s_b.t(), x_b.flatten(1), alpha=-scale)
-        if self.bias is not None:
-            _grad_buffer(self.bias).add_(s_a.sum(0) - s_b.sum(0), alpha=scale)
+        gw, gb = _grad_buffer(self.weight), _grad_buffer(self.bias)
+        if gw is not None:
+            gw.addmm_(s_a.t(), x_a.flatten(1), alpha=scale)
+            gw.addmm_(s_b.t(), x_b.flatten(1), alpha=-scale)
+        if gb is not None:
+            gb.add_(s_a.sum(0) - s_b.sum(0), alpha=scale)
 
     def forward(self, x):
         return super().forward(x.flatten(1))

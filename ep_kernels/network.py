@@ -4,6 +4,8 @@ The module holds parameters and checks inputs; the algorithm is in ``ep_kernels.
 """
 import math
 import numbers
+import threading
+import warnings
 
 import torch
 import torch.nn as nn
@@ -23,6 +25,56 @@ def _check_beta(beta):
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not math.isfinite(beta) or beta <= 0:
         raise ValueError(f"beta must be a positive finite number, got {beta!r}")
     return float(beta)
+
+
+def _check_tol(tol):
+    if tol is None:
+        return None
+    if isinstance(tol, bool) or not isinstance(tol, numbers.Real) or not math.isfinite(tol) or tol <= 0:
+        raise ValueError(f"tol must be None or a positive finite number, got {tol!r}")
+    return float(tol)
+
+
+# Below this many machine epsilons of the dtype, beta is warned about (see check_beta).
+BETA_EPS_WARNING = 100
+
+
+def check_beta(beta, dtype, batch=1):
+    """Check a nudging strength for a network computing in ``dtype`` with ``batch`` examples.
+
+    Refused (ValueError): beta that is not a positive finite number, or whose own value or
+    contrastive scale ``1 / (2 beta batch)`` is not a normal number of ``dtype`` (overflow, or
+    underflow to a denormal or zero): the nudge or the gradient would be inf, 0 or garbage.
+
+    Warned (RuntimeWarning): beta < ``BETA_EPS_WARNING`` x the dtype's machine epsilon
+    (float32: 1.2e-5, float64: 2.2e-14). The nudged states then differ from the free ones by
+    at most about a hundred rounding steps of the states (which lie in [0, 1]), so rounding
+    alone perturbs the EP estimate by about 1% or more, and by 100% near epsilon itself.
+    """
+    beta = _check_beta(beta)
+    fi = torch.finfo(dtype)
+    scale = 1.0 / (2.0 * beta * batch)
+    if not (fi.tiny <= beta <= fi.max and fi.tiny <= scale <= fi.max):
+        raise ValueError(f"beta={beta!r} is out of range for {dtype}: beta and 1/(2 beta N) (N={batch}) must both lie "
+                         f"in [{fi.tiny:.3g}, {fi.max:.3g}]")
+    if beta < BETA_EPS_WARNING * fi.eps:
+        warnings.warn(f"beta={beta!r} is below {BETA_EPS_WARNING} x the machine epsilon of {dtype} "
+                      f"({BETA_EPS_WARNING * fi.eps:.2g}): rounding of the states dominates the EP gradient estimate; "
+                      "use a larger beta or float64", RuntimeWarning, stacklevel=3)
+    return beta
+
+
+def layer_signature(layers):
+    """What the relaxation plan depends on: each layer's identity and geometry. A changed
+    layer (replaced, or its padding or pool set anew) gives a new signature, hence a new plan."""
+    sig = []
+    for layer in layers:
+        if isinstance(layer, EPConv2d):
+            sig.append((id(layer), "conv", layer.in_channels, layer.out_channels, tuple(layer.kernel_size),
+                        tuple(layer.stride), str(layer.padding), tuple(layer.dilation), layer.groups, layer.pool))
+        else:
+            sig.append((id(layer), "linear", layer.in_features, layer.out_features))
+    return tuple(sig)
 
 
 class EPNetwork(nn.Module):
@@ -71,7 +123,7 @@ class EPNetwork(nn.Module):
         self.T1, self.T2 = _check_steps("T1", T1), _check_steps("T2", T2)
         self.beta = _check_beta(beta)
         self.nudging = nudging
-        self.tol = tol
+        self.tol = _check_tol(tol)
         self.check_every = _check_steps("check_every", check_every)
         if compute_dtype is not None and compute_dtype not in (torch.bfloat16, torch.float16, torch.float32,
                                                                torch.float64):
@@ -79,6 +131,20 @@ class EPNetwork(nn.Module):
                              f"got {compute_dtype!r}")
         self.compute_dtype = compute_dtype
         self._plans = {}
+        # Calls on one network share its state buffers and accumulate into the same .grad:
+        # concurrent calls from several threads run one after the other (the serial results).
+        self._call_lock = threading.RLock()
+
+    def __getstate__(self):  # a lock cannot be pickled or deep-copied: a copy gets its own
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
+        state = dict(state)
+        state.pop("_call_lock", None)
+        state["_plans"] = {}
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._call_lock = threading.RLock()
 
     @property
     def schedule(self):
@@ -113,12 +179,14 @@ class EPNetwork(nn.Module):
     def _check_x(self, x):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.is_nested or x.layout != torch.strided:
+            raise TypeError(f"x must be a dense (strided) tensor, got {'a nested tensor' if x.is_nested else x.layout}")
         p = self._param()
         if x.device != p.device:
             raise ValueError(f"x is on {x.device} but the network's parameters are on {p.device}")
         if x.dtype != p.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the network's parameters are {p.dtype}; "
-                            f"convert with x.to({p.dtype}) or net.to({x.dtype})")
+            hint = f"x.to({p.dtype})" + (f" or net.to({x.dtype})" if x.is_floating_point() else "")
+            raise TypeError(f"x has dtype {x.dtype} but the network's parameters are {p.dtype}; convert with {hint}")
         if isinstance(self.layers[0], EPConv2d) and x.dim() != 4:
             raise ValueError(f"x must be (N, C, H, W) for a first EPConv2d layer, got shape {tuple(x.shape)}")
         if x.dim() < 2 or x.shape[0] == 0:
@@ -146,25 +214,46 @@ class EPNetwork(nn.Module):
             if not torch.isfinite(p).all():
                 raise ValueError(f"parameter {name} contains NaN or infinite values")
 
+    def _check_readout(self, plan):
+        """The readout reads the last state: check the sizes before relaxing, not after."""
+        if self.readout is None:
+            return
+        feat = math.prod(plan.state_shapes[-1])
+        if self.readout.in_features != feat:
+            raise ValueError(f"the readout nn.Linear({self.readout.in_features}, {self.readout.out_features}) does not "
+                             f"fit the last layer's state: layer {len(self.layers) - 1} gives shape "
+                             f"{tuple(plan.state_shapes[-1])} = {feat} features per example")
+
+    @staticmethod
+    def _refuse_inference_mode(what):
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{what} fills .grad, which torch.inference_mode() does not allow; call it outside "
+                               "inference_mode (it builds no autograd graph of its own)")
+
     def plan_for(self, x):
-        """The relaxation plan (state shapes and buffers) for inputs shaped like ``x``, cached."""
+        """The relaxation plan (state shapes and buffers) for inputs shaped like ``x``, cached
+        per input shape, dtype, device, inference mode (its buffers are inference tensors) and
+        layer geometry (replacing a layer, or changing its padding or pool, makes a new plan)."""
         p = self._param()
-        key = (tuple(x.shape), p.dtype, p.device)
+        key = (tuple(x.shape), p.dtype, p.device, torch.is_inference_mode_enabled(), layer_signature(self.layers))
         if key not in self._plans:
             if len(self._plans) > 8:  # a few shapes (train batch, last batch, eval) in practice
                 self._plans.clear()
-            self._plans[key] = relaxation.Plan(self.layers, x.shape, p.dtype, p.device)
+            plan = relaxation.Plan(self.layers, x.shape, p.dtype, p.device)
+            self._check_readout(plan)
+            self._plans[key] = plan
         return self._plans[key]
 
     # -- the three things users call ----------------------------------------------------
     def free_phase(self, x, T1=None, tol=None):
         """States at the end of the free phase (copies) and the phase report."""
         self._check_x(x)
+        self._check_params()
         T1 = self.T1 if T1 is None else _check_steps("T1", T1)
-        with torch.no_grad():
+        tol = self.tol if tol is None else _check_tol(tol)
+        with self._call_lock, torch.no_grad():
             gain = relaxation.ACTIVATION_GAIN[self.activation]
-            states, rep = engine.free_phase(self.layers, self.plan_for(x), x, T1, gain,
-                                            tol if tol is not None else self.tol, self.check_every,
+            states, rep = engine.free_phase(self.layers, self.plan_for(x), x, T1, gain, tol, self.check_every,
                                             prepared=relaxation.prepare_layers(self.layers, self.compute_dtype),
                                             schedule=self.schedule)
             return [s.clone() for s in states], rep
@@ -179,31 +268,38 @@ class EPNetwork(nn.Module):
 
     def ep_backward(self, x, y, beta=None, T1=None, T2=None, nudging=None, tol=None, keep_states=False,
                     teacher=None):
-        """Free and nudged phases; accumulates the EP gradient into every ``.grad``.
+        """Free and nudged phases; accumulates the EP gradient into the ``.grad`` of every
+        parameter that requires grad (frozen ones are left alone).
 
         Returns an ``EPResult`` with the loss and logits at the free equilibrium and
         diagnostics: each phase's steps and per-layer residual (last max |s_t - s_{t-1}|),
         and the per-layer mean |s+ - s*|. ``keep_states=True`` also returns the states
         (``res.states["free" | "plus" | "minus"]``). ``teacher``: distillation targets, a dict
         ``{"features": {layer: tensor}, "logits": tensor}`` or a callable giving one for ``x``.
+        ``beta`` is checked against the parameters' dtype (``check_beta``).
         """
+        self._refuse_inference_mode("ep_backward")
         self._check_x(x)
         self._check_y(y, x)
         self._check_params()
-        beta = self.beta if beta is None else _check_beta(beta)
+        beta = check_beta(self.beta if beta is None else beta, self._param().dtype, x.shape[0])
         T1 = self.T1 if T1 is None else _check_steps("T1", T1)
         T2 = self.T2 if T2 is None else _check_steps("T2", T2)
+        tol = self.tol if tol is None else _check_tol(tol)
         nudging = self.nudging if nudging is None else nudging
         if nudging not in relaxation.NUDGING:
             raise ValueError(f"nudging must be one of {relaxation.NUDGING}, got {nudging!r}")
-        return engine.ep_backward(self, x, y, beta, T1, T2, nudging, tol if tol is not None else self.tol,
-                                  self.check_every, keep_states, teacher)
+        with self._call_lock:
+            return engine.ep_backward(self, x, y, beta, T1, T2, nudging, tol, self.check_every, keep_states, teacher)
 
     def bptt_backward(self, x, y, T1=None, teacher=None):
         """Backpropagation through the T1 free steps; accumulates the exact gradient of the
-        loss at s(T1) into every ``.grad``. Memory grows with T1."""
+        loss at s(T1) into every ``.grad`` (of parameters that require grad). Memory grows
+        with T1."""
+        self._refuse_inference_mode("bptt_backward")
         self._check_x(x)
         self._check_y(y, x)
         self._check_params()
         T1 = self.T1 if T1 is None else _check_steps("T1", T1)
-        return engine.bptt(self, x, y, T1, teacher)
+        with self._call_lock:
+            return engine.bptt(self, x, y, T1, teacher)
