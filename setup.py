@@ -93,7 +93,7 @@ def build_mode(_build):
     if torch_importable():
         return ahead_of_time(_build)
     print("ep_kernels: torch is not importable at build time (pip's build isolation): installing the "
-          "C++/CUDA sources, which compile on first use (about 1 min with 2 cores, once per torch version)")
+          "C++/CUDA sources, which compile on first use (about 1.5 min with 2 cores, once per torch version)")
     return [], {"build_py": SourcesOnlyBuildPy}
 
 
