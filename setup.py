@@ -99,6 +99,7 @@ def build_mode(_build):
 
 EXT_MODULES, CMDCLASS = build_mode(load_build_module())
 SOURCE_GLOBS = [f"{d}*{ext}" for d in ("", "cpu/", "cuda/") for ext in (".cpp", ".h", ".cu", ".cuh")]
+TRAIN = ["numpy", "tqdm", "matplotlib", "scikit-learn"]
 
 setup(
     name="ep_kernels",
@@ -111,13 +112,18 @@ setup(
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
     python_requires=">=3.9",
-    install_requires=["torch>=2.4", "numpy", "tqdm", "matplotlib", "scikit-learn", "ninja"],
-    # triton: the Triton kernels' tests run under its interpreter on CPU (3.6 is the GPU machines' version)
-    extras_require={"test": ["pytest", "pytest-benchmark", "triton==3.6.0"]},
+    # The library (layers, network, ops) needs torch, and ninja for the first-use build.
+    install_requires=["torch>=2.4", "ninja"],
+    extras_require={
+        # the application ep_kernels.app (ep-train, ep-gradcheck, datasets); tests/test_layout.py holds it apart
+        "train": TRAIN,
+        # triton: the Triton kernels' tests run under its interpreter on CPU (3.6 is the GPU machines' version)
+        "test": ["pytest", "pytest-benchmark", "triton==3.6.0"] + TRAIN,
+    },
     entry_points={
         "console_scripts": [
-            "ep-train=ep_kernels.train:main",
-            "ep-gradcheck=ep_kernels.gradcheck:main",
+            "ep-train=ep_kernels.app.train:main",
+            "ep-gradcheck=ep_kernels.app.gradcheck:main",
         ]
     },
     zip_safe=False,
