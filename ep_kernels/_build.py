@@ -11,7 +11,7 @@ Three users share it:
 - ``.ci/compile_cuda.sh``, which compiles the CUDA sources through :func:`build_and_load`.
 
 The module imports only the standard library; torch is imported inside the functions that
-need it, so setup.py can read :func:`op_sources` without torch.
+need it, so setup.py can load it where torch is not importable (pip's isolated build).
 """
 import contextlib
 import dataclasses
@@ -174,9 +174,21 @@ def key_fields(spec: Spec) -> dict:
         "cxx": os.environ.get("CXX", ""),  # the compiler cpp_extension runs
     }
     if spec.with_cuda:
-        fields.update(cuda_cflags=list(spec.cuda_cflags), cuda_arch_list=os.environ.get("TORCH_CUDA_ARCH_LIST", ""),
+        fields.update(cuda_cflags=list(spec.cuda_cflags), cuda_archs=cuda_archs(),
                       cuda_include_dirs=[os.sep.join(d.split(os.sep)[-2:]) for d in spec.cuda_include_dirs])
     return fields
+
+
+def cuda_archs() -> str:
+    """The GPU architectures nvcc compiles for: TORCH_CUDA_ARCH_LIST, or, unset, cpp_extension
+    takes the visible GPUs' (all of torch's when none is visible). Keyed either way, so a cache
+    in a home folder shared by machines with different GPUs holds one build per GPU kind."""
+    import torch
+
+    archs = os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip()
+    if archs or not torch.cuda.is_available():
+        return archs or "all"
+    return ";".join(sorted({"%d.%d" % torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())}))
 
 
 def cache_key(spec: Spec) -> str:

@@ -126,6 +126,17 @@ def test_cache_key_changes_with_what_the_binary_depends_on(probe, monkeypatch, t
     with monkeypatch.context() as m:
         m.setenv("CXX", "clang++")
         changed["compiler"] = _build.cache_key(spec)
+    cuda = dataclasses.replace(spec, with_cuda=True)
+    with monkeypatch.context() as m:
+        m.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        m.setattr(torch.cuda, "device_count", lambda: 1)
+        m.setattr(torch.cuda, "get_device_capability", lambda i: (9, 0))
+        changed["cuda kernels"] = _build.cache_key(cuda)
+        m.setattr(torch.cuda, "get_device_capability", lambda i: (8, 0))
+        changed["another GPU"] = _build.cache_key(cuda)
+        m.setenv("TORCH_CUDA_ARCH_LIST", "8.0;9.0")  # ("9.0" is the visible GPU's: the same binary, the same key)
+        changed["arch list"] = _build.cache_key(cuda)
     assert _build.cache_key(spec) == key
     assert all(k != key for k in changed.values()), changed
     assert len(set(changed.values())) == len(changed)
