@@ -25,25 +25,38 @@ def test_gradcheck_two_pooled_convs_float64():
     assert net.layers[0].weight.dtype == torch.float32  # the caller's network is untouched
 
 
+def _exit_status_matches(rc, rep, err):
+    """ep-gradcheck's exit status: 1 when a tensor's cosine is below --min-cosine (listed on stderr
+    and in report.json), else 0."""
+    below = [n for r in rep["reports"] for n, p in r["params"].items() if not p["cosine"] >= rep["min_cosine"]]
+    assert len(rep["failed"]) == len(below)
+    assert rc == (1 if below else 0), (rc, below)
+    assert ("check failed" in err) == bool(below)
+
+
 def test_gradcheck_cli_writes_report_and_plot(tmp_path, capsys):
     out = tmp_path / "gc"
-    main(["--width", "0.125", "--batch", "4", "--betas", "1e-3,1e-2", "--dtypes", "float64",
-          "--T1", "120", "--T2", "20", "--out", str(out)])
-    table = capsys.readouterr().out
+    rc = main(["--width", "0.125", "--batch", "4", "--betas", "1e-3,1e-2", "--dtypes", "float64",
+               "--T1", "120", "--T2", "20", "--out", str(out)])
+    printed = capsys.readouterr()
+    table = printed.out
     assert "cosine" in table and "regime switches" in table
     rep = json.load(open(out / "report.json"))
     assert len(rep["reports"]) == 2 and {r["config"]["beta"] for r in rep["reports"]} == {1e-3, 1e-2}
+    assert rep["min_cosine"] == 0.9999
+    _exit_status_matches(rc, rep, printed.err)
     assert os.path.getsize(out / "gradcheck.png") > 10_000
 
 
 def test_gradcheck_cli_alternating_schedule(tmp_path, capsys):
     """The small preset relaxed with the alternating schedule: converged EP = BPTT still."""
     out = tmp_path / "gc"
-    reps = main(["--width", "0.125", "--batch", "4", "--betas", "1e-3", "--dtypes", "float64", "--schedule",
-                 "alternating", "--T1", "120", "--T2", "40", "--no-gdu", "--out", str(out)])
-    capsys.readouterr()
-    assert json.load(open(out / "report.json"))["args"]["schedule"] == "alternating"
-    (rep,) = reps
+    rc = main(["--width", "0.125", "--batch", "4", "--betas", "1e-3", "--dtypes", "float64", "--schedule",
+               "alternating", "--T1", "120", "--T2", "40", "--no-gdu", "--out", str(out)])
+    assert "passed" in capsys.readouterr().out and rc == 0
+    report = json.load(open(out / "report.json"))
+    assert report["args"]["schedule"] == "alternating"
+    (rep,) = report["reports"]
     assert rep["config"]["beta"] == 1e-3
     assert max(rep["residual"]["free"]) < 1e-10
     assert len(rep["params"]) == 6 and min(p["cosine"] for p in rep["params"].values()) >= 0.9999
@@ -58,9 +71,11 @@ def test_gradcheck_checkpoint_of_a_run_with_local_classifiers(tmp_path, capsys):
                        "--batch-size", "16", "--T1", "4", "--T2", "2", "--threads", "1", "--no-progress",
                        "--epochs", "1", "--signals", "classifier", "--run-dir", rd]) == 0
     out = tmp_path / "gc"
-    (rep,) = main(["--checkpoint", rd, "--batch", "2", "--betas", "1e-3", "--dtypes", "float64", "--T1", "20",
-                   "--T2", "5", "--no-gdu", "--out", str(out)])
-    capsys.readouterr()
-    assert json.load(open(out / "report.json"))["args"]["schedule"] == "alternating"
+    rc = main(["--checkpoint", rd, "--batch", "2", "--betas", "1e-3", "--dtypes", "float64", "--T1", "20",
+               "--T2", "5", "--no-gdu", "--out", str(out)])
+    report = json.load(open(out / "report.json"))
+    _exit_status_matches(rc, report, capsys.readouterr().err)
+    assert report["args"]["schedule"] == "alternating"
+    (rep,) = report["reports"]
     assert any(name.startswith("signals.") for name in rep["params"])
     assert all(math.isfinite(p["cosine"]) for p in rep["params"].values())

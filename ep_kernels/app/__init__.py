@@ -10,7 +10,8 @@ the application also needs numpy, matplotlib, tqdm and scikit-learn, installed w
 - ``trainer``: ``Trainer``, one run: setup, one step, one epoch, evaluation, saving, the
   interrupt / out-of-time / done endings; ``train()`` runs one.
 - ``config``: the run's configuration: defaults, ``UsageError``, signals from a config.
-- ``checkpoint``: the run folder's files: atomic writes, random generators' states, loading.
+- ``checkpoint``: the run folder's files: atomic writes, random generators' states, loading and
+  checking a checkpoint, the run folder's lock, the clean-up after a killed write.
 - ``metrics``: an epoch's running sums, the summary, ``curves.png`` and ``diagnostics.png``.
 - ``data``: datasets in memory (the bundled digits, torchvision's MNIST and CIFAR).
 - ``distributed``: data-parallel training under ``torchrun``.

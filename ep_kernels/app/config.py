@@ -9,10 +9,12 @@ checkpoint); what was actually attached is recorded in it too (``signals_used``,
 import argparse
 import math
 import os
+import warnings
 
 import torch
 
 from ..models import build_signals, parse_signal_kinds, parse_signal_layers
+from ..network import check_beta as library_check_beta
 
 # The defaults are the tuned configuration of the default run (small ConvNet, bundled digits,
 # shift augmentation, 1 thread). Measured on a 2-core CPU: 2.2 min, 98.9% test accuracy (EP);
@@ -37,7 +39,44 @@ TEACHER_FILE = "teacher.pt"  # where --train-teacher saves the teacher, in the r
 
 
 class UsageError(ValueError):
-    """A bad option or option combination; ``ep-train`` reports it like an argparse error."""
+    """A bad option, option combination or input file; the command lines report it as one
+    line, ``<prog>: error: <message>``, with exit status 2 (argparse's convention)."""
+
+
+def one_line(text, limit=600):
+    """``text`` on one line (newlines and runs of spaces folded), cut after ``limit`` characters."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def number(kind, lo=None, strict=False):
+    """An argparse ``type``: ``kind`` (int or float) from text, finite, ``>= lo`` (``> lo``
+    when ``strict``)."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a{'n int' if kind is int else ' number'}, got {text!r}")
+        if kind is float and not math.isfinite(v):
+            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
+        if lo is not None and (v <= lo if strict else v < lo):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo}, got {text!r}")
+        return v
+    return parse
+
+
+def check_beta(beta, dtype, batch, flag="--beta"):
+    """UsageError unless the library accepts ``beta`` for a network computing in ``dtype`` on
+    batches of 1 to ``batch`` examples (``ep_kernels.network.check_beta``: beta and
+    1/(2 beta N) must be normal numbers of the dtype). Its warning about a beta close to the
+    dtype's epsilon is left to the first ``ep_backward``, so it is shown once."""
+    for n in sorted({1, batch}):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            try:
+                library_check_beta(beta, dtype, n)
+            except (ValueError, TypeError) as e:
+                raise UsageError(f"{flag} {beta:g}: {one_line(e)}") from None
 
 
 def parse_lrs(text):

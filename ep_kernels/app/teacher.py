@@ -13,6 +13,7 @@ from tqdm.auto import tqdm
 
 from . import distributed
 from ..teacher import Teacher, load_teacher, save_teacher
+from .checkpoint import temp_path
 from .config import TEACHER_FILE, UsageError
 
 
@@ -67,11 +68,15 @@ def _train_run_teacher(cfg, net, data, device, path):
     # atomically, and every rank keeps its own copy in memory (no read-after-write race).
     trained = teacher.cpu()
     if distributed.is_writer():
-        tmp = path + ".tmp"
-        save_teacher(trained, tmp, meta={"preset": cfg["preset"], "width": cfg["width"],
-                                         "dataset": cfg["dataset"], "epochs": cfg["teacher_epochs"],
-                                         "lr": cfg["teacher_lr"], "test_acc": accs})
-        os.replace(tmp, path)
+        tmp = temp_path(path)  # the pattern a later run's clean-up knows (checkpoint.clean_temp_files)
+        try:
+            save_teacher(trained, tmp, meta={"preset": cfg["preset"], "width": cfg["width"],
+                                             "dataset": cfg["dataset"], "epochs": cfg["teacher_epochs"],
+                                             "lr": cfg["teacher_lr"], "test_acc": accs})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
     trained.eval()
     for p in trained.parameters():
         p.requires_grad_(False)

@@ -11,16 +11,17 @@ the configuration's defaults and checks are ``ep_kernels.app.config``.
 """
 import argparse
 import json
-import math
 import os
+import shlex
 import sys
 from datetime import datetime
 
 from ..models import PRESETS
 from ..relaxation import SCHEDULES
 from . import distributed
-from .checkpoint import load_checkpoint
-from .config import DEFAULTS, SIGNAL_DEFAULTS, TEACHER_FILE, UsageError, parse_lrs, resolve_threads
+from .checkpoint import check_writable_folder, file_stamp, load_checkpoint
+from .config import (DEFAULTS, SIGNAL_DEFAULTS, TEACHER_FILE, UsageError, number, one_line, parse_lrs,
+                     resolve_threads)
 from .data import DATASETS
 from .trainer import EXIT_INTERRUPTED, train
 
@@ -35,22 +36,6 @@ _OVERRIDABLE = ("threads", "device", "data_dir", "download", "epochs")
 
 # --- command line ------------------------------------------------------------------------
 
-def _typed(kind, lo=None, strict=False, allow_none=False):
-    def parse(text):
-        if allow_none and text.lower() == "none":
-            return None
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a{'n int' if kind is int else ' number'}, got {text!r}")
-        if kind is float and not math.isfinite(v):
-            raise argparse.ArgumentTypeError(f"must be finite, got {text!r}")
-        if lo is not None and (v <= lo if strict else v < lo):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {lo}, got {text!r}")
-        return v
-    return parse
-
-
 def _lr_arg(text):
     parse_lrs(text)  # validate; keep the text (it goes to config.json as given)
     return text.replace(" ", "")
@@ -64,11 +49,11 @@ def make_parser():
         epilog="Example: ep-train --preset vgg5 --dataset cifar10 --data-dir ~/data --epochs 100 --T1 250 --T2 25")
     g = p.add_argument_group("network")
     g.add_argument("--preset", choices=PRESETS, default=d["preset"], help="network (default: %(default)s)")
-    g.add_argument("--width", type=_typed(float, 0, strict=True), default=d["width"],
+    g.add_argument("--width", type=number(float, 0, strict=True), default=d["width"],
                    help="multiply the preset's channel/unit counts (default: %(default)s)")
     g.add_argument("--activation", choices=("hardsigmoid", "hardsigmoid_half"), default=d["activation"],
                    help="clamp(x, 0, 1) or clamp(x/2, 0, 1) (default: %(default)s)")
-    g.add_argument("--init-scale", type=_typed(float, 0, strict=True), default=d["init_scale"],
+    g.add_argument("--init-scale", type=number(float, 0, strict=True), default=d["init_scale"],
                    help="multiply PyTorch's default initial weights (default: 1; deep presets: 3 with "
                         "hardsigmoid_half, 1.5 with hardsigmoid, on filters centred per output channel, see "
                         "ep_kernels/models.py)")
@@ -81,16 +66,16 @@ def make_parser():
     g.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None,
                    help="training augmentation: random shifts (digits, MNIST), random crop + flip (CIFAR) "
                         "(default: on for digits and CIFAR, off for MNIST and Fashion-MNIST)")
-    g.add_argument("--limit-train", type=_typed(int, 1), default=None, metavar="N",
+    g.add_argument("--limit-train", type=number(int, 1), default=None, metavar="N",
                    help="use only the first N training examples (quick runs, tests)")
-    g.add_argument("--limit-test", type=_typed(int, 1), default=None, metavar="N",
+    g.add_argument("--limit-test", type=number(int, 1), default=None, metavar="N",
                    help="use only the first N test examples")
     g = p.add_argument_group("algorithm")
     g.add_argument("--algorithm", choices=("ep", "bptt"), default=d["algorithm"],
                    help="EP gradient estimate, or backprop through the T1 free steps (default: %(default)s)")
-    g.add_argument("--T1", type=_typed(int, 1), default=d["T1"], help="free-phase steps (default: %(default)s)")
-    g.add_argument("--T2", type=_typed(int, 1), default=d["T2"], help="nudged-phase steps (default: %(default)s)")
-    g.add_argument("--beta", type=_typed(float, 0, strict=True), default=d["beta"],
+    g.add_argument("--T1", type=number(int, 1), default=d["T1"], help="free-phase steps (default: %(default)s)")
+    g.add_argument("--T2", type=number(int, 1), default=d["T2"], help="nudged-phase steps (default: %(default)s)")
+    g.add_argument("--beta", type=number(float, 0, strict=True), default=d["beta"],
                    help="nudging strength (default: %(default)s)")
     g.add_argument("--nudging", choices=("symmetric", "one-sided", "random-sign"), default=d["nudging"],
                    help="default: %(default)s")
@@ -98,23 +83,23 @@ def make_parser():
                    help="relaxation step: all layers from the same old states, or odd-numbered layers then "
                         "even-numbered ones (converges where synchronous updates oscillate) (default: "
                         "alternating for the deep presets vgg11/13/16 and deep8, synchronous otherwise)")
-    g.add_argument("--eval-T1", type=_typed(int, 1), default=None,
+    g.add_argument("--eval-T1", type=number(int, 1), default=None,
                    help="free-phase steps at evaluation (default: --T1)")
-    g.add_argument("--tol", type=_typed(float, 0, strict=True), default=None,
+    g.add_argument("--tol", type=number(float, 0, strict=True), default=None,
                    help="stop a phase early once every layer's max change is below this")
     g = p.add_argument_group("optimisation (SGD)")
-    g.add_argument("--epochs", type=_typed(int, 1), default=d["epochs"], help="default: %(default)s")
-    g.add_argument("--batch-size", type=_typed(int, 1), default=d["batch_size"], help="default: %(default)s")
+    g.add_argument("--epochs", type=number(int, 1), default=d["epochs"], help="default: %(default)s")
+    g.add_argument("--batch-size", type=number(int, 1), default=d["batch_size"], help="default: %(default)s")
     g.add_argument("--lr", type=_lr_arg, default=d["lr"],
                    help="learning rate, or one per layer then the readout, comma-separated "
                         "(e.g. 0.2,0.1,0.05) (default: %(default)s)")
-    g.add_argument("--momentum", type=_typed(float, 0), default=d["momentum"], help="default: %(default)s")
-    g.add_argument("--weight-decay", type=_typed(float, 0), default=d["weight_decay"], help="default: %(default)s")
+    g.add_argument("--momentum", type=number(float, 0), default=d["momentum"], help="default: %(default)s")
+    g.add_argument("--weight-decay", type=number(float, 0), default=d["weight_decay"], help="default: %(default)s")
     g.add_argument("--cosine", action=argparse.BooleanOptionalAction, default=d["cosine"],
                    help="cosine learning-rate schedule over the epochs (default: on)")
     g = p.add_argument_group("run")
-    g.add_argument("--seed", type=_typed(int, 0), default=d["seed"], help="default: %(default)s")
-    g.add_argument("--threads", type=_typed(int, 1), default=None,
+    g.add_argument("--seed", type=number(int, 0), default=d["seed"], help="default: %(default)s")
+    g.add_argument("--threads", type=number(int, 1), default=None,
                    help="torch CPU threads (default: 1 for the small presets 'small' and 'mlp', whose tiny "
                         "ops gain little from threads and slow down badly when other processes share the "
                         "cores; torch's default otherwise). Recorded in config.json, so a resume uses the same")
@@ -123,7 +108,7 @@ def make_parser():
                    help="run folder (default: runs/<date-time>-<preset>-<dataset>-<algorithm>)")
     g.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR with its own config (--epochs may extend it)")
-    g.add_argument("--max-minutes", type=_typed(float, 0, strict=True), default=None,
+    g.add_argument("--max-minutes", type=number(float, 0, strict=True), default=None,
                    help="stop cleanly (saving) after this much wall-clock time; resume later")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (one line per epoch)")
     _add_signal_options(p)
@@ -136,7 +121,7 @@ def _add_distributed_options(p):
     g = p.add_argument_group("several processes (under torchrun; ignored otherwise)")
     g.add_argument("--dist-backend", choices=("gloo", "nccl"), default=None,
                    help="torch.distributed backend (default: nccl for --device cuda, gloo on CPU)")
-    g.add_argument("--dist-timeout", type=_typed(float, 0, strict=True), default=None, metavar="SECONDS",
+    g.add_argument("--dist-timeout", type=number(float, 0, strict=True), default=None, metavar="SECONDS",
                    help="give up on a collective (all-reduce) after this long, e.g. when a peer hangs "
                         "(default: torch's)")
 
@@ -170,18 +155,18 @@ def _add_signal_options(p):
                         "layer) or comma-separated layer indices (default: %(default)s)")
     g.add_argument("--lambda", dest="lambdas", default=d["lambdas"],
                    help="signal weight: one value, or one per --signals kind in that order (default: %(default)s)")
-    g.add_argument("--tau", type=_typed(float, 0, strict=True), default=d["tau"],
+    g.add_argument("--tau", type=number(float, 0, strict=True), default=d["tau"],
                    help="logit distillation temperature (default: %(default)s)")
-    g.add_argument("--signal-pool", type=_typed(int, 1), default=d["signal_pool"],
+    g.add_argument("--signal-pool", type=number(int, 1), default=d["signal_pool"],
                    help="local classifier heads read the state average-pooled to this size (default: %(default)s)")
     g.add_argument("--teacher", default=d["teacher"], metavar="PATH",
                    help="a saved teacher (ep_kernels.teacher.save_teacher) for feature/logit distillation")
     g.add_argument("--train-teacher", action="store_true",
                    help=f"first train the feed-forward teacher by backprop (--teacher-epochs), save it as "
                         f"{TEACHER_FILE} in the run folder, then use it")
-    g.add_argument("--teacher-epochs", type=_typed(int, 1), default=d["teacher_epochs"],
+    g.add_argument("--teacher-epochs", type=number(int, 1), default=d["teacher_epochs"],
                    help="default: %(default)s")
-    g.add_argument("--teacher-lr", type=_typed(float, 0, strict=True), default=d["teacher_lr"],
+    g.add_argument("--teacher-lr", type=number(float, 0, strict=True), default=d["teacher_lr"],
                    help="teacher SGD learning rate (default: %(default)s)")
 
 
@@ -196,16 +181,18 @@ def _default_run_dir(cfg):
 
 
 def _resolve(parser, argv):
-    """(config, run folder, checkpoint or None) from the command line; checks a resume's options."""
+    """(config, run folder, checkpoint or None, its file stamp or None) from the command line;
+    checks a resume's folder, files and options. UsageError on any bad input."""
     args = parser.parse_args(argv)
     given = _explicit_options(parser, argv)
     if args.resume is None:
         cfg = resolve_threads({k: getattr(args, k) for k in DEFAULTS})
         run_dir = args.run_dir or _default_run_dir(cfg)
+        check_writable_folder(run_dir, "--run-dir")
         if os.path.exists(os.path.join(run_dir, "checkpoint.pt")):
-            raise UsageError(f"--run-dir {run_dir!r} already holds a run: continue it with --resume {run_dir}, "
-                             "or choose another --run-dir")
-        return cfg, run_dir, None
+            raise UsageError(f"--run-dir {run_dir!r} already holds a run: continue it with --resume "
+                             f"{shlex.quote(run_dir)}, or choose another --run-dir")
+        return cfg, run_dir, None, None
 
     run_dir = args.resume
     if args.run_dir is not None and os.path.abspath(args.run_dir) != os.path.abspath(run_dir):
@@ -214,10 +201,62 @@ def _resolve(parser, argv):
     for path in (cfg_path, ckpt_path):
         if not os.path.isfile(path):
             raise UsageError(f"--resume {run_dir!r}: no {os.path.basename(path)} there (not an ep-train run folder)")
-    with open(cfg_path) as f:
-        cfg = json.load(f)["config"]
+    stored = _read_config(parser, cfg_path)
+    cfg = dict(stored)
     for k in DEFAULTS:  # a config from an older version may lack newer options
         cfg.setdefault(k, DEFAULTS[k])
+    _apply_overrides(args, given, cfg)
+    stamp = file_stamp(ckpt_path)  # before reading: the trainer checks, under the lock, that it did not change
+    ckpt = load_checkpoint(ckpt_path)
+    _check_same_run(stored, ckpt["config"], run_dir)
+    return cfg, run_dir, ckpt, stamp
+
+
+def _read_config(parser, path):
+    """The ``"config"`` object of a run's ``config.json``, every stored option checked as the
+    command line checks it."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            doc = json.load(f)
+    except (OSError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path}: cannot read it: {one_line(e)}") from None
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{path}: not valid JSON (damaged?): {e.msg} at line {e.lineno} column {e.colno}"
+                         ) from None
+    cfg = doc.get("config") if isinstance(doc, dict) else None
+    if not isinstance(cfg, dict):
+        raise UsageError(f'{path}: no "config" object (damaged, or not written by ep-train)')
+    actions = {a.dest: a for a in parser._actions}
+    for k in DEFAULTS:
+        if k in cfg:
+            problem = _stored_value_problem(actions[k], cfg[k])
+            if problem:
+                raise UsageError(f'{path}: "{k}" (--{k.replace("_", "-")}): {problem} (damaged or edited?)')
+    return cfg
+
+
+def _stored_value_problem(action, v):
+    """Why ``v`` is not a value ``action`` (an ep-train option) could have stored, or None."""
+    if v is None:
+        return None if action.default is None else "null is not a value of this option"
+    if action.nargs == 0:  # store_true, --x/--no-x
+        return None if isinstance(v, bool) else f"expected true or false, got {v!r}"
+    if isinstance(v, (bool, dict, list)):
+        return f"got {json.dumps(v)}"
+    if action.choices is not None:
+        return None if v in action.choices else f"got {v!r}, not one of {', '.join(map(str, action.choices))}"
+    if action.type is None:
+        return None if isinstance(v, str) else f"expected a string, got {v!r}"
+    try:
+        action.type(str(v))
+    except (argparse.ArgumentTypeError, ValueError) as e:
+        return str(e)
+    return None
+
+
+def _apply_overrides(args, given, cfg):
+    """The options given with ``--resume``: those a resumed run may change go into ``cfg``,
+    others must equal the run's."""
     for k in sorted(given - set(_FRESH)):
         new = getattr(args, k)
         if k in _OVERRIDABLE:
@@ -233,22 +272,38 @@ def _resolve(parser, argv):
             raise UsageError(f"{flag} {new!r} differs from the run's config ({cfg[k]!r}): a resumed run keeps "
                              f"its config (only {', '.join('--' + o.replace('_', '-') for o in _OVERRIDABLE)} "
                              "may change)")
-    ckpt = load_checkpoint(ckpt_path)
-    return cfg, run_dir, ckpt
+
+
+def _check_same_run(stored, ckpt_cfg, run_dir):
+    """config.json and the checkpoint's own copy of the config define the same network and run
+    (the options a resume may change apart): else the checkpoint is another run's."""
+    keys = [k for k in list(DEFAULTS) + ["schedule_used"]
+            if k not in _OVERRIDABLE and k in stored and k in ckpt_cfg]
+    differ = [f"{k}: {ckpt_cfg[k]!r} in checkpoint.pt, {stored[k]!r} in config.json" for k in keys
+              if ckpt_cfg[k] != stored[k]]
+    if differ:
+        raise UsageError(f"--resume {run_dir!r}: checkpoint.pt and config.json disagree ({'; '.join(differ)}): "
+                         "the checkpoint is another run's, or config.json was edited")
+
+
+def _error(parser, message, status=2):
+    """``<prog>: error: <message>`` on one line of stderr, and the exit status (argparse's convention)."""
+    parser.exit(status, f"{parser.prog}: error: {one_line(message, 2000)}\n")
 
 
 def main(argv=None):
-    """Entry point of ``ep-train``; returns the exit status (0, or 130 when interrupted)."""
+    """Entry point of ``ep-train``; returns the exit status (0, or 130 when interrupted, or 1
+    when training diverged); raises SystemExit(2) on a bad option or input file."""
     parser = make_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        cfg, run_dir, ckpt = _resolve(parser, argv)
+        cfg, run_dir, ckpt, stamp = _resolve(parser, argv)
         args = parser.parse_args(argv)
         with distributed.session(cfg, run_dir, args.dist_backend, args.dist_timeout) as (cfg, run_dir):
             return train(cfg, run_dir, ckpt, max_minutes=args.max_minutes,
-                         progress=not args.no_progress and distributed.is_writer(), argv=argv)
+                         progress=not args.no_progress and distributed.is_writer(), argv=argv, ckpt_stamp=stamp)
     except UsageError as e:
-        parser.error(str(e))
+        _error(parser, str(e))
     except FloatingPointError as e:  # divergence (NaN loss or states): a message, not a traceback
         print(f"ep-train: error: {e}", file=sys.stderr)
         return 1

@@ -7,6 +7,11 @@ every epoch and whenever the run stops early (Ctrl-C, ``--max-minutes``); it hol
 optimizer, scheduler, every random generator's state and the position inside the epoch, so
 ``--resume`` continues bit for bit on the same machine (CPU, same number of threads).
 
+Before anything is written, ``setup`` checks the whole configuration (UsageError); then the
+run holds an exclusive lock on its folder (``.ep-train.lock``, rank 0 of a data-parallel run)
+until it ends, so a second ep-train in the same folder stops with a one-line error, and removes
+the temporary files of atomic writes that a killed run left there.
+
 Safe points. The trainer's position (``Trainer.state``: epoch, minibatch, permutation, the
 epoch's running sums, the history) changes together with the weights only inside a commit
 (``optimizer.step()`` and the bookkeeping after it, or the end of an epoch), flagged by
@@ -24,6 +29,7 @@ import json
 import math
 import os
 import random
+import shlex
 import signal
 import sys
 import threading
@@ -37,8 +43,9 @@ from tqdm.auto import tqdm
 from .. import __version__, backend_for
 from ..models import build_network
 from . import distributed
-from .checkpoint import capture_rng, restore_rng, write_atomic, write_json
-from .config import UsageError, attach_signals, parse_lrs
+from .checkpoint import (RunFolderLock, capture_rng, clean_temp_files, file_stamp, restore_rng, write_atomic,
+                         write_json)
+from .config import TEACHER_FILE, UsageError, attach_signals, check_beta, one_line, parse_lrs
 from .data import load_dataset
 from .metrics import accumulate, diag_means, new_partial, plot_curves, plot_diagnostics, summary
 from .teacher import prepare_teacher
@@ -85,6 +92,10 @@ def _device(cfg):
         raise UsageError(f"--device {cfg['device']!r}: {e}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {cfg['device']}: CUDA is not available on this machine")
+    try:  # EP_KERNELS_BACKEND names a backend that exists and serves this device
+        backend_for(device)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(one_line(e))
     return device
 
 
@@ -105,13 +116,14 @@ def _network(cfg, data):
                              beta=cfg["beta"], nudging=cfg["nudging"], tol=cfg["tol"],
                              # a resumed run keeps the schedule it started with, even if the preset's default changed
                              schedule=cfg.get("schedule") or cfg.get("schedule_used"))
-    except ValueError as e:
-        raise UsageError(str(e))
+    except (ValueError, TypeError) as e:
+        raise UsageError(one_line(e))
 
 
 def setup(cfg):
     """(device, data, data generator, network, optimizer, scheduler) for ``cfg``: a fresh run's
-    initial state. Sets torch's thread count and seeds every random generator."""
+    initial state. Sets torch's thread count and seeds every random generator. Every check of
+    the configuration happens here (UsageError), before anything is written."""
     if cfg["threads"] is not None:
         torch.set_num_threads(cfg["threads"])
     device = _device(cfg)
@@ -126,12 +138,59 @@ def setup(cfg):
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     net = _network(cfg, data)
+    if cfg["algorithm"] == "ep":  # nudged states and the EP gradient are computed in the weights' dtype
+        check_beta(cfg["beta"], next(net.parameters()).dtype, cfg["batch_size"])
     cfg["schedule_used"], cfg["centred_init_scale"] = net.schedule, net.centred_init_scale
     attach_signals(cfg, net)  # before the optimizer: heads and maps are trained too
     net.to(device)
     opt = make_optimizer(net, parse_lrs(cfg["lr"]), cfg["momentum"], cfg["weight_decay"])
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=cfg["epochs"]) if cfg["cosine"] else None
     return device, data, gen, net, opt, sched
+
+
+def open_run_folder(run_dir, resumed, ckpt_stamp=None, argv=()):
+    """Create ``run_dir`` and lock it for this run (``checkpoint.RunFolderLock``; on rank 0
+    only in a data-parallel run, whose other ranks share rank 0's outcome), then remove the
+    temporary files of atomic writes that a killed run left there. Under the lock: a fresh run
+    finds no run in the folder, and a resume finds the checkpoint it read (``ckpt_stamp``, from
+    ``checkpoint.file_stamp``) unchanged. Returns the lock (None on the other ranks)."""
+    lock, error = None, None
+    if distributed.is_writer():
+        flag = "--resume" if resumed else "--run-dir"
+        try:
+            lock = RunFolderLock(run_dir, flag, argv).acquire()
+            _check_locked_folder(run_dir, resumed, ckpt_stamp)
+        except UsageError as e:
+            if lock is not None:
+                lock.release()
+                lock = None
+            error = str(e)
+    ctx = distributed.current()
+    if ctx is not None:
+        error = ctx.broadcast_object(error)
+    if error is not None:
+        raise UsageError(error)
+    if lock is not None:
+        removed = clean_temp_files(run_dir, set(RUN_FILES.values()) | {TEACHER_FILE})
+        if removed:
+            print(f"ep-train: note: removed {len(removed)} temporary file{'s' if len(removed) > 1 else ''} of an "
+                  f"interrupted write in {run_dir}: {', '.join(removed)}", file=sys.stderr)
+    return lock
+
+
+def _check_locked_folder(run_dir, resumed, ckpt_stamp):
+    path = os.path.join(run_dir, RUN_FILES["ckpt"])
+    if not resumed and os.path.exists(path):
+        raise UsageError(f"--run-dir {run_dir!r} already holds a run: continue it with --resume "
+                         f"{shlex.quote(run_dir)}, or choose another --run-dir")
+    if resumed and ckpt_stamp is not None:
+        try:
+            same = file_stamp(path) == ckpt_stamp
+        except OSError:
+            same = False
+        if not same:
+            raise UsageError(f"--resume {run_dir!r}: {RUN_FILES['ckpt']} changed while this ep-train was starting "
+                             "(another ep-train wrote it); run the command again")
 
 
 # --- evaluation, stop requests ---------------------------------------------------------------
@@ -197,12 +256,27 @@ class Trainer:
     endings ``on_keyboard_interrupt`` / ``finish``.
     """
 
-    def __init__(self, cfg, run_dir, ckpt=None, max_minutes=None, progress=True, argv=()):
+    def __init__(self, cfg, run_dir, ckpt=None, max_minutes=None, progress=True, argv=(), ckpt_stamp=None):
         self.t_start = time.monotonic()
         self.cfg, self.run_dir, self.max_minutes, self.progress = cfg, run_dir, max_minutes, progress
+        # Everything is checked before the run folder is created or touched.
         self.device, self.data, self.gen, self.net, self.opt, self.sched = setup(cfg)
-        os.makedirs(run_dir, exist_ok=True)
-        self.teacher = prepare_teacher(cfg, self.net, self.data, self.device, run_dir, resumed=ckpt is not None)
+        self.teacher = None
+        if not cfg["train_teacher"]:  # --teacher PATH (or none): read and checked now
+            self.teacher = prepare_teacher(cfg, self.net, self.data, self.device, run_dir, resumed=ckpt is not None)
+        self.lock = open_run_folder(run_dir, ckpt is not None, ckpt_stamp, argv)  # held until close()
+        try:
+            self.start(ckpt, argv)
+        except BaseException:
+            self.close()
+            raise
+
+    def start(self, ckpt, argv):
+        """The run folder is locked: the teacher it trains, the position (from ``ckpt`` when
+        resuming), ``config.json`` and a new run's first checkpoint."""
+        cfg, run_dir = self.cfg, self.run_dir
+        if cfg["train_teacher"]:  # trained into the run folder (a resumed run loads the one it saved)
+            self.teacher = prepare_teacher(cfg, self.net, self.data, self.device, run_dir, resumed=ckpt is not None)
         self.paths = {k: os.path.join(run_dir, f) for k, f in RUN_FILES.items()}
         # Position in the run, and the running sums of the current epoch.
         self.state = {"epoch": 0, "batch": 0, "perm": None, "partial": new_partial(), "history": []}
@@ -229,24 +303,42 @@ class Trainer:
 
     # --- checkpoint and run folder ---
 
+    def close(self):
+        """Release the run folder (its lock); the run's files stay."""
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
     def load(self, ckpt):
-        """Continue from checkpoint ``ckpt``: weights, optimizer, scheduler, position, generators."""
-        self.net.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        if self.sched is not None:
-            self.sched.load_state_dict(ckpt["scheduler"])
-        for k in self.state:
-            self.state[k] = ckpt[k]
-        restore_rng(ckpt["rng"], self.gen, self.device)
+        """Continue from checkpoint ``ckpt``: weights, optimizer, scheduler, position, generators.
+        UsageError if they do not fit the network and optimizer built from ``config.json``."""
+        cfg, path = self.cfg, self.paths["ckpt"]
+        try:
+            self.net.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
+            if self.sched is not None:
+                self.sched.load_state_dict(ckpt["scheduler"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as e:
+            raise UsageError(f"{path} does not fit the network of config.json (--preset {cfg['preset']}, --width "
+                             f"{cfg['width']:g}): {one_line(e, 240)}") from None
+        try:
+            for k in self.state:
+                self.state[k] = ckpt[k]
+            restore_rng(ckpt["rng"], self.gen, self.device)
+        except (RuntimeError, KeyError, ValueError, TypeError, IndexError) as e:
+            raise UsageError(f"{path}: damaged (its position or random generators' states): "
+                             f"{type(e).__name__}: {one_line(e, 200)}") from None
         print(f"ep-train: resuming {self.run_dir} at epoch {self.state['epoch'] + 1}, minibatch "
               f"{self.state['batch']}", file=sys.stderr)
 
     def write_config(self, resumed, argv):
         """``config.json``: the config, every invocation of the run (a resume appends its own), the environment."""
         invocations = []
-        if resumed and os.path.isfile(self.paths["config"]):
+        if resumed and os.path.isfile(self.paths["config"]):  # read and checked by the command line
             with open(self.paths["config"]) as f:
                 invocations = json.load(f).get("invocations", [])
+            if not isinstance(invocations, list):
+                invocations = []
         write_json(self.paths["config"], {
             "config": self.cfg, "invocations": invocations + [list(argv)],
             "environment": {"ep_kernels": __version__, "torch": torch.__version__,
@@ -443,7 +535,7 @@ class Trainer:
         self.write_metrics("interrupted" if interrupted else "stopped (--max-minutes)")
         why = "interrupted" if interrupted else f"stopped after the --max-minutes {self.max_minutes:g} budget"
         print(f"ep-train: {why}; checkpoint saved {where} in {self.run_dir}.\n"
-              f"Resume with:  ep-train --resume {self.run_dir}", file=sys.stderr)
+              f"Resume with:  ep-train --resume {shlex.quote(self.run_dir)}", file=sys.stderr)
         s = summary(self.state["history"])
         if s["epochs_done"]:
             n = s["epochs_done"]
@@ -464,13 +556,19 @@ class Trainer:
         return 0
 
 
-def train(cfg, run_dir, ckpt=None, max_minutes=None, progress=True, argv=()):
-    """Train with config ``cfg`` in ``run_dir``; from checkpoint ``ckpt`` when resuming.
+def train(cfg, run_dir, ckpt=None, max_minutes=None, progress=True, argv=(), ckpt_stamp=None):
+    """Train with config ``cfg`` in ``run_dir``; from checkpoint ``ckpt`` when resuming
+    (``ckpt_stamp``: ``checkpoint.file_stamp`` of the file it was read from, checked under the
+    run folder's lock). The run folder is locked for the run's duration.
 
     Returns 0 when done or stopped by ``max_minutes``, ``EXIT_INTERRUPTED`` after Ctrl-C.
     """
     threads = torch.get_num_threads()
+    trainer = None
     try:
-        return Trainer(cfg, run_dir, ckpt, max_minutes, progress, argv).run()
+        trainer = Trainer(cfg, run_dir, ckpt, max_minutes, progress, argv, ckpt_stamp)
+        return trainer.run()
     finally:
+        if trainer is not None:
+            trainer.close()
         torch.set_num_threads(threads)  # --threads is for this run, not for the caller's process
