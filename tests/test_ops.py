@@ -518,3 +518,36 @@ def test_cpu_backend_unavailable_is_an_error(no_backend_env, monkeypatch):
     monkeypatch.setattr(ep_kernels._ext, "_LOAD_ERROR", "simulated: not built")
     with use_backend("cpu"), pytest.raises(RuntimeError, match="not built"):
         ops.state_update(*_su_args())
+
+
+@pytest.mark.parametrize("geometry", [
+    # (x shape, weight shape, stride, padding, dilation, groups, pool): legal (every integer below
+    # 2^31) but extreme; the sparse kernels' padded copy used to overflow int64 here and write out
+    # of bounds (found by .ci/sanitize.sh); now such geometries take the dense path.
+    ((1, 1, 1, 1), (1, 1, 1, 1), [2 ** 31 - 1, 2 ** 29 - 1], [2 ** 30, 2 ** 28], [1, 1], 1, 2),
+    ((2, 6, 6, 4), (4, 3, 1, 2), [2 ** 30, 2 ** 31 - 1], [2 ** 30, 2 ** 31 - 2], [2 ** 30, 2 ** 31 - 1], 2, 2),
+    ((1, 2, 3, 5), (2, 2, 1, 1), [2 ** 31 - 2, 2], [2 ** 30, 1], [2, 2 ** 31 - 1], 1, 1),
+], ids=["huge_stride", "huge_everything_groups", "huge_dilation_pool1"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_extreme_legal_geometries_match_reference(geometry, dtype, gen):
+    xs, ws, stride, padding, dilation, groups, pool = geometry
+    x = rand(gen, *xs, dtype=dtype)
+    w = rand(gen, *ws, dtype=dtype, lo=-1, hi=1)
+    hc = ops.conv_out_size(xs[2:], ws[2:], stride, padding, dilation)
+    conv = dict(stride=stride, padding=padding, dilation=dilation, groups=groups)
+    d, idx = ops.conv_pool_drive_ref(x, w, None, pool=pool, **conv)
+    with use_backend("cpu"):
+        d_cpu, idx_cpu = ops.conv_pool_drive(x, w, None, pool=pool, **conv)
+    torch.testing.assert_close(d_cpu, d, rtol=RTOL[dtype], atol=0)
+    assert torch.equal(idx_cpu, idx)
+    s = random_state(gen, d.shape, dtype, zero_frac=0.2)
+    with use_backend("cpu"):
+        td = ops.pool_conv_transpose(s, idx, w, list(xs[2:]), hc, pool=pool, **conv)
+    torch.testing.assert_close(td, ops.pool_conv_transpose_ref(s, idx, w, list(xs[2:]), hc, pool=pool, **conv),
+                               rtol=RTOL[dtype], atol=RTOL[dtype])
+    gw, gw_ref = torch.zeros_like(w), torch.zeros_like(w)
+    args = (x, s, idx, x.flip(0), s.flip(0), idx.flip(0), hc, stride, padding, dilation, groups, pool, -0.5)
+    with use_backend("cpu"):
+        ops.contrastive_conv_grad(*args, gw, None)
+    ops.contrastive_conv_grad_ref(*args, gw_ref, None)
+    torch.testing.assert_close(gw, gw_ref, rtol=RTOL[dtype], atol=RTOL[dtype])

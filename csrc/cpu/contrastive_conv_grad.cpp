@@ -3,9 +3,11 @@
 //
 // Which path runs (a fixed rule):
 //   - pool > 1, float32/float64: the sparse kernel of sparse_weight_grad.h, both states in
-//     one pass over their argmax positions only (1/k^2 of the dense work);
-//   - pool == 1 or bfloat16/float16: ATen's convolution weight-gradient per state, the same
-//     calls as the reference.
+//     one pass over their argmax positions only (1/k^2 of the dense work), unless its padded
+//     copy of x would be unreasonably large (sparse_wg::padded_copy_fits: legal but extreme
+//     strides, paddings or dilations);
+//   - otherwise (pool == 1, bfloat16/float16, such a geometry): ATen's convolution
+//     weight-gradient per state, the same calls as the reference.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -37,11 +39,15 @@ void contrastive_conv_grad_cpu(const at::Tensor& x_a, const at::Tensor& s_a, con
 
   const bool has_bias = checks::present(grad_bias);
   const auto st = grad_weight.scalar_type();
+  // c_in = cig * groups equals x_a.size(1): checks::contrastive_conv_grad checked it.
+  const sparse_td::Geometry g = sparse_td::make_geometry(
+      x_a.size(0), s_a.size(1), groups, grad_weight.size(1), x_a.size(2), x_a.size(3), conv_out_size, s_a.size(2),
+      s_a.size(3), grad_weight.size(2), grad_weight.size(3), stride, padding, dilation, pool);
+  bool sparse = false;
   if (pool > 1 && (st == at::kFloat || st == at::kDouble)) {
-    // c_in = cig * groups equals x_a.size(1): checks::contrastive_conv_grad checked it.
-    sparse_td::Geometry g = sparse_td::make_geometry(
-        x_a.size(0), s_a.size(1), groups, grad_weight.size(1), x_a.size(2), x_a.size(3), conv_out_size, s_a.size(2),
-        s_a.size(3), grad_weight.size(2), grad_weight.size(3), stride, padding, dilation, pool);
+    AT_DISPATCH_FLOATING_TYPES(st, "contrastive_conv_grad_path", [&] { sparse = sparse_wg::padded_copy_fits<scalar_t>(g); });
+  }
+  if (sparse) {
     bool ok = true;
     AT_DISPATCH_FLOATING_TYPES(st, "contrastive_conv_grad_sparse", [&] {
       ok = sparse_wg::accumulate<scalar_t>(g, x_a, s_a, idx_a, x_b, s_b, idx_b, scale, grad_weight);

@@ -3,9 +3,10 @@
 // Which path runs (a fixed rule, not a fallback on failure):
 //   - pool > 1, float32/float64: the sparse kernel of sparse_top_down.h (only the argmax
 //     positions: 1/k^2 of the dense work), any stride/padding/dilation/groups, with the weight
-//     packed once per weight (packed_weight_cache.h);
-//   - pool == 1 (nothing is sparse) or bfloat16/float16: ATen's max-unpool and the
-//     convolution's input-gradient (the dense transposed convolution).
+//     packed once per weight (packed_weight_cache.h), unless the input is too large for its
+//     32-bit offsets (sparse_td::offsets_fit);
+//   - otherwise (pool == 1: nothing is sparse; bfloat16/float16; such a large input): ATen's
+//     max-unpool and the convolution's input-gradient (the dense transposed convolution).
 // Every index must lie inside its own pooling window, on every path (ValueError otherwise).
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -34,7 +35,13 @@ at::Tensor pool_conv_transpose_cpu(const at::Tensor& s, const at::Tensor& indice
                                    int64_t groups, int64_t pool) {
   checks::pool_conv_transpose(s, indices, weight, input_size, conv_out_size, stride, padding, dilation, groups, pool);
   checks::on_device_type(kOp, s, "s", c10::DeviceType::CPU);
+  bool sparse = false;
   if (pool > 1 && (s.scalar_type() == at::kFloat || s.scalar_type() == at::kDouble)) {
+    AT_DISPATCH_FLOATING_TYPES(s.scalar_type(), "pool_conv_transpose_path", [&] {
+      sparse = sparse_td::offsets_fit<scalar_t>(input_size[0], input_size[1], weight.size(1));
+    });
+  }
+  if (sparse) {
     // The sparse kernel checks every index while it builds its lists.
     return sparse_td::pool_conv_transpose(s, indices, weight, input_size, conv_out_size, stride, padding, dilation,
                                           groups, pool, packed_weight(weight));

@@ -380,6 +380,17 @@ int64_t chunk_width(int64_t cig) {
   return cig <= L ? L : 2 * L;
 }
 
+// Whether the sparse kernel's 32-bit offsets and per-image buffer fit this geometry: input
+// pixels times the channel chunk (h * w * cw, the buffer and its int32 offsets) below 2^31.
+// Legal input sizes (up to 2^31 - 1 each) can exceed that; the dense path (ATen) is taken then,
+// a fixed rule on the geometry. Overflow-checked.
+template <typename T>
+bool offsets_fit(int64_t h, int64_t w, int64_t cig) {
+  int64_t n;
+  return !__builtin_mul_overflow(h, w, &n) && !__builtin_mul_overflow(n, chunk_width<T>(cig), &n) &&
+         n < (int64_t(1) << 31);
+}
+
 // Fill in the blocking of a geometry (output-channel blocks, input-channel chunks) for T.
 template <typename T>
 void plan(Geometry& g, int64_t block_bytes = 48 * 1024) {

@@ -217,6 +217,33 @@ void pad_channels_last(const Geometry& g, const Layout& lay, const T* x, T* xp) 
   });
 }
 
+// Channel-chunk width of the layout for T: one 64-byte vector of input channels, or two.
+template <typename T>
+int64_t chunk_width_wg(int64_t cig) {
+  constexpr int L = Vec<T>::lanes;
+  return (cig <= L ? 1 : 2) * L;
+}
+
+// Whether the sparse kernel's padded copy of x is reasonable for this geometry. The copy
+// covers the region the convolution reads, hpad x wpad per image and channel chunk: for the
+// usual geometries about x's size, but legal extreme strides, paddings or dilations (up to
+// 2^31 - 1 each) can make it astronomically large or overflow int64. The sparse path is then
+// not taken (a fixed rule on the geometry): ATen's dense weight-gradient handles any geometry.
+// Every product is overflow-checked.
+template <typename T>
+bool padded_copy_fits(const Geometry& g) {
+  const int64_t cw = chunk_width_wg<T>(g.cig), nq = (g.cig + cw - 1) / cw;
+  int64_t hpad, wpad, t, total;
+  const bool overflow =
+      __builtin_mul_overflow(g.hc - 1, g.sy, &hpad) || __builtin_mul_overflow(g.kh - 1, g.dy, &t) ||
+      __builtin_add_overflow(hpad, t + 1, &hpad) || __builtin_mul_overflow(g.wc - 1, g.sx, &wpad) ||
+      __builtin_mul_overflow(g.kw - 1, g.dx, &t) || __builtin_add_overflow(wpad, t + 1, &wpad) ||
+      __builtin_mul_overflow(hpad, wpad, &total) || __builtin_mul_overflow(total, cw, &total) ||
+      __builtin_mul_overflow(total, g.groups * nq * g.n, &total);
+  const int64_t x_elems = g.n * g.c_in * g.h * g.w;
+  return !overflow && total <= std::max<int64_t>(16 * x_elems, int64_t(1) << 22);
+}
+
 // Returns false (and writes nothing) if an index is outside its window.
 template <typename T>
 bool accumulate(const Geometry& g0, const at::Tensor& x_a, const at::Tensor& s_a, const at::Tensor& idx_a,
@@ -224,8 +251,8 @@ bool accumulate(const Geometry& g0, const at::Tensor& x_a, const at::Tensor& s_a
                 at::Tensor& grad_weight) {
   Geometry g = g0;
   constexpr int L = Vec<T>::lanes;
-  const int64_t nv = g.cig <= L ? 1 : 2;
-  g.cw = nv * L;
+  g.cw = chunk_width_wg<T>(g.cig);
+  const int64_t nv = g.cw / L;
   g.nq = (g.cig + g.cw - 1) / g.cw;
   const int64_t khkw = g.kh * g.kw;
   Layout lay{};
