@@ -239,7 +239,7 @@ def _phase_setup(layers, plan, x, gain, capture, schedule, prepared, first_drive
 
 
 def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=None, prepared=None, capture=None,
-               schedule="synchronous"):
+               schedule="synchronous", init=None):
     """``engine.free_phase`` with captured chunks (``capture=False``: the same chunks, run
     eagerly, e.g. on CPU)."""
     capture, prepared, first_drive, shapes, key = _phase_setup(layers, plan, x, gain, capture, schedule, prepared,
@@ -249,8 +249,8 @@ def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=N
                      lambda: _PhaseRunner(layers, plan, n, gain, shapes, prepared, first_drive, capture=capture,
                                           schedule=schedule))
     runner.load(prepared, first_drive)
-    for b in runner.bufs:
-        b.zero_()
+    for i, b in enumerate(runner.bufs):
+        b.zero_() if init is None else b.copy_(init[i])
     return runner.run(T, tol, check_every, "free")
 
 

@@ -24,15 +24,16 @@ class EPResult:
 
 
 def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=None, prepared=None,
-               schedule="synchronous"):
-    """T steps at beta = 0 from zero states. Returns (s*, report); s* lives in the plan's
-    buffers, so copy it before the next phase of the same batch size if you keep it."""
+               schedule="synchronous", init=None):
+    """T steps at beta = 0 from zero states (or from ``init``, a list of states). Returns
+    (s*, report); s* lives in the plan's buffers, so copy it before the next phase of the same
+    batch size if you keep it."""
     if cuda_graphs.active_for(x):  # CUDA tensors: the same steps, as captured CUDA graphs
         return cuda_graphs.free_phase(layers, plan, x, T, gain, tol, check_every, first_drive, prepared,
-                                      schedule=schedule)
+                                      schedule=schedule, init=init)
     bufs, spare = plan.buffers(x.shape[0])
-    for b in bufs:
-        b.zero_()
+    for i, b in enumerate(bufs):
+        b.zero_() if init is None else b.copy_(init[i])
     return relax(layers, x, bufs, T, gain, first_drive=first_drive, tol=tol, check_every=check_every,
                  spare=spare, phase="free", prepared=prepared, schedule=schedule)
 
@@ -121,7 +122,8 @@ def _grad_change(layer, before):
     return sum(changes) / n if n else 0.0
 
 
-def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep_states=False, teacher=None):
+def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep_states=False, teacher=None,
+                free_init=None):
     """Free phase, nudged phase(s), EP gradient into ``.grad``. See docs/design.md, "The EP gradient"."""
     layers, gain = net.layers, ACTIVATION_GAIN[net.activation]
     plan = net.plan_for(x)
@@ -132,7 +134,7 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep
         prepared = prepare_layers(layers, net.compute_dtype)
         first = layers[0].drive(x, prepared[0])
         s_free, free_rep = free_phase(layers, plan, x, T1, gain, tol, check_every, first_drive=first,
-                                      prepared=prepared, schedule=net.schedule)
+                                      prepared=prepared, schedule=net.schedule, init=free_init)
         s_star = [s.clone() for s in s_free]
         if nudging == "symmetric":
             # +beta and -beta are independent: one phase on a batch of 2N.

@@ -35,6 +35,39 @@ def _switches(net, x, s_a, s_b):
     return out
 
 
+def converged_ep_gradient(net, x, y, beta, free_state=None, tol=1e-12, max_steps=5000, nudging="symmetric",
+                          teacher=None):
+    """EP* of a fixed point: the EP gradient at ``beta`` with every phase converged in float64.
+
+    A network with max-pooling may have several fixed points, and a path (fixed steps, early
+    stopping, float32, another schedule) settles in one of them. To judge that path's gradient,
+    give its free state as ``free_state``: the free phase continues from it in float64 until
+    every layer's change is below ``tol`` (it stays in that fixed point's basin), both nudged
+    phases run from there to ``tol`` too, and the EP gradient of those states is returned.
+    Without ``free_state`` the free phase starts from zeros.
+
+    Returns ``(grads, info)``: the gradients by parameter name (float64) and the steps and
+    residuals of each phase; raises ``RuntimeError`` if a phase does not converge within
+    ``max_steps``. ``net`` is not modified.
+    """
+    if not isinstance(net, EPNetwork):
+        raise TypeError(f"net must be an EPNetwork, got {type(net).__name__}")
+    net64 = copy.deepcopy(net).double()
+    net64.check_every = 1
+    net64.compute_dtype = None
+    x64 = x.double()
+    init = None if free_state is None else [s.detach().double() for s in free_state]
+    net64.zero_grad(set_to_none=True)
+    res = net64.ep_backward(x64, y, beta=beta, T1=max_steps, T2=max_steps, nudging=nudging, tol=tol,
+                            free_init=init, teacher=teacher)
+    info = {phase: res.diagnostics[phase] for phase in ("free", "nudged")}
+    for phase, rep in info.items():
+        if not rep["converged"]:
+            raise RuntimeError(f"converged_ep_gradient: the {phase} phase did not reach tol={tol:g} in {max_steps} "
+                               f"steps (residual {max(rep['residual']):.3g}); raise max_steps")
+    return {n: p.grad.detach().clone() for n, p in net64.named_parameters() if p.grad is not None}, info
+
+
 def gradcheck(net, x, y, beta=1e-3, T1=300, T2=100, nudging="symmetric", dtype=torch.float64, gdu=True,
               teacher=None, compute_dtype=None):
     """Compare EP (fast path) with BPTT (independent reference) on one batch.

@@ -94,7 +94,7 @@ class EPNetwork(nn.Module):
     """
 
     def __init__(self, *layers, readout=None, activation="hardsigmoid_half", T1=30, T2=10, beta=0.5,
-                 nudging="symmetric", tol=None, check_every=10, signals=(), compute_dtype=None,
+                 nudging="symmetric", tol=None, check_every=None, signals=(), compute_dtype=None,
                  schedule="synchronous"):
         super().__init__()
         if not layers:
@@ -124,7 +124,8 @@ class EPNetwork(nn.Module):
         self.beta = _check_beta(beta)
         self.nudging = nudging
         self.tol = _check_tol(tol)
-        self.check_every = _check_steps("check_every", check_every)
+        # None: every step on CPU, every 10 on a GPU (relaxation.default_check_every)
+        self.check_every = None if check_every is None else _check_steps("check_every", check_every)
         if compute_dtype is not None and compute_dtype not in (torch.bfloat16, torch.float16, torch.float32,
                                                                torch.float64):
             raise ValueError(f"compute_dtype must be None or a floating dtype such as torch.bfloat16, "
@@ -230,6 +231,28 @@ class EPNetwork(nn.Module):
             raise RuntimeError(f"{what} fills .grad, which torch.inference_mode() does not allow; call it outside "
                                "inference_mode (it builds no autograd graph of its own)")
 
+    def _check_every(self, x):
+        return relaxation.default_check_every(x.device) if self.check_every is None else self.check_every
+
+    def _check_init(self, init, x, plan):
+        """Starting states for the free phase: one per layer, shaped like ``free_phase``'s output."""
+        if init is None:
+            return None
+        if not isinstance(init, (list, tuple)) or len(init) != len(self.layers):
+            got = f"{len(init)} of them" if isinstance(init, (list, tuple)) else type(init).__name__
+            raise TypeError(f"init must be a list of {len(self.layers)} state tensors (as free_phase returns), "
+                            f"got {got}")
+        p = self._param()
+        for i, (s, shape) in enumerate(zip(init, plan.state_shapes)):
+            if not isinstance(s, torch.Tensor) or s.shape != (x.shape[0],) + tuple(shape):
+                got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+                raise ValueError(f"init[{i}] must have shape {(x.shape[0],) + tuple(shape)}, got {got}")
+            if s.dtype != p.dtype or s.device != p.device:
+                raise TypeError(f"init[{i}] must be {p.dtype} on {p.device}, got {s.dtype} on {s.device}")
+            if not torch.isfinite(s).all():
+                raise ValueError(f"init[{i}] contains NaN or infinite values")
+        return list(init)
+
     def plan_for(self, x):
         """The relaxation plan (state shapes and buffers) for inputs shaped like ``x``, cached
         per input shape, dtype, device, inference mode (its buffers are inference tensors) and
@@ -245,17 +268,20 @@ class EPNetwork(nn.Module):
         return self._plans[key]
 
     # -- the three things users call ----------------------------------------------------
-    def free_phase(self, x, T1=None, tol=None):
-        """States at the end of the free phase (copies) and the phase report."""
+    def free_phase(self, x, T1=None, tol=None, init=None):
+        """States at the end of the free phase (copies) and the phase report. ``init``: states
+        to start from (a list like this returns; default zeros), e.g. to continue a phase."""
         self._check_x(x)
         self._check_params()
         T1 = self.T1 if T1 is None else _check_steps("T1", T1)
         tol = self.tol if tol is None else _check_tol(tol)
         with self._call_lock, torch.no_grad():
+            plan = self.plan_for(x)
+            init = self._check_init(init, x, plan)
             gain = relaxation.ACTIVATION_GAIN[self.activation]
-            states, rep = engine.free_phase(self.layers, self.plan_for(x), x, T1, gain, tol, self.check_every,
+            states, rep = engine.free_phase(self.layers, plan, x, T1, gain, tol, self._check_every(x),
                                             prepared=relaxation.prepare_layers(self.layers, self.compute_dtype),
-                                            schedule=self.schedule)
+                                            schedule=self.schedule, init=init)
             return [s.clone() for s in states], rep
 
     def forward(self, x, T1=None):
@@ -267,7 +293,7 @@ class EPNetwork(nn.Module):
             return states[-1].flatten(1)
 
     def ep_backward(self, x, y, beta=None, T1=None, T2=None, nudging=None, tol=None, keep_states=False,
-                    teacher=None):
+                    teacher=None, free_init=None):
         """Free and nudged phases; accumulates the EP gradient into the ``.grad`` of every
         parameter that requires grad (frozen ones are left alone).
 
@@ -276,7 +302,8 @@ class EPNetwork(nn.Module):
         and the per-layer mean |s+ - s*|. ``keep_states=True`` also returns the states
         (``res.states["free" | "plus" | "minus"]``). ``teacher``: distillation targets, a dict
         ``{"features": {layer: tensor}, "logits": tensor}`` or a callable giving one for ``x``.
-        ``beta`` is checked against the parameters' dtype (``check_beta``).
+        ``beta`` is checked against the parameters' dtype (``check_beta``). ``free_init``:
+        states to start the free phase from (default zeros).
         """
         self._refuse_inference_mode("ep_backward")
         self._check_x(x)
@@ -290,7 +317,9 @@ class EPNetwork(nn.Module):
         if nudging not in relaxation.NUDGING:
             raise ValueError(f"nudging must be one of {relaxation.NUDGING}, got {nudging!r}")
         with self._call_lock:
-            return engine.ep_backward(self, x, y, beta, T1, T2, nudging, tol, self.check_every, keep_states, teacher)
+            free_init = self._check_init(free_init, x, self.plan_for(x))
+            return engine.ep_backward(self, x, y, beta, T1, T2, nudging, tol, self._check_every(x), keep_states,
+                                      teacher, free_init)
 
     def bptt_backward(self, x, y, T1=None, teacher=None):
         """Backpropagation through the T1 free steps; accumulates the exact gradient of the

@@ -249,3 +249,55 @@ def test_bfloat16_compute_keeps_float32_states_close():
     assert res.loss.isfinite()
     with pytest.raises(ValueError, match="compute_dtype"):
         EPNetwork(EPLinear(4, 2), compute_dtype=torch.int8)
+
+
+def test_free_phase_continues_from_given_states():
+    """``init`` / ``free_init``: a phase continued from its own end state takes up where it
+    stopped (the states of T1 + T steps), and ep_backward accepts the same starting states."""
+    net = small_net("conv_pool", torch.float64, seed=5)
+    x, y = make_batch(n=3, dtype=torch.float64, seed=6)
+    s10, _ = net.free_phase(x, T1=10)
+    s25, _ = net.free_phase(x, T1=25)
+    s_cont, rep = net.free_phase(x, T1=15, init=s10)
+    assert rep.steps == 15
+    for a, b in zip(s_cont, s25):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+    r = net.ep_backward(x, y, T1=15, T2=4, keep_states=True, free_init=s10)
+    for a, b in zip(r.states["free"], s25):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-15)
+    with pytest.raises(ValueError, match=r"init\[1\] must have shape"):
+        net.free_phase(x, init=[s10[0], s10[1][:1]])
+    with pytest.raises(TypeError, match="init must be a list of 2 state tensors"):
+        net.free_phase(x, init=s10[:1])
+
+
+def test_cpu_phases_stop_at_the_first_converged_step():
+    """On CPU the default checks convergence after every step (reading the changes costs
+    microseconds), so a phase stops at the first step whose change is below tol; an explicit
+    check_every keeps multiples of it."""
+    x, _ = make_batch(n=3, dtype=torch.float64, seed=6)
+    every = small_net("conv_pool", torch.float64, seed=5)
+    _, rep = every.free_phase(x, T1=200, tol=1e-8)
+    tens = small_net("conv_pool", torch.float64, seed=5, check_every=10)
+    _, rep10 = tens.free_phase(x, T1=200, tol=1e-8)
+    assert rep.converged and rep10.converged and rep10.steps % 10 == 0
+    assert rep.steps <= rep10.steps < rep.steps + 10
+    _, rep_before = every.free_phase(x, T1=rep.steps - 1)
+    assert max(rep_before.residual) >= 1e-8 > max(rep.residual)
+
+
+def test_converged_ep_gradient_matches_bptt_of_its_fixed_point():
+    """EP* (float64, every phase converged, beta small) of a float32 path's free state: equal
+    to the float64 BPTT gradient at that fixed point."""
+    from ep_kernels.gradcheck import converged_ep_gradient
+
+    net = small_net("conv_pool", torch.float32, seed=7)
+    x, y = make_batch(n=4, dtype=torch.float32, seed=8)
+    s32, _ = net.free_phase(x, T1=40)
+    star, info = converged_ep_gradient(net, x, y, 1e-4, free_state=s32)
+    assert info["free"]["converged"] and info["nudged"]["converged"]
+    net64 = small_net("conv_pool", torch.float64, seed=7)
+    net64.load_state_dict({k: v.double() for k, v in net.state_dict().items()})
+    net64.bptt_backward(x.double(), y, T1=400)
+    for name, p in net64.named_parameters():
+        assert cosine(star[name], p.grad) > 0.99999, name

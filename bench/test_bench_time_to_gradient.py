@@ -1,0 +1,132 @@
+"""Time to an accurate EP gradient (issue 13): seconds per gradient, and how close that
+gradient is to EP* of the fixed point it reached.
+
+VGG-5 (128-256-512-512) on 32 real CIFAR images (``bench/data/cifar_samples.pt``), float32,
+the published cross-entropy recipe (beta 1.0, symmetric nudging), at two operating points:
+
+- ``init``: PyTorch's default initialisation;
+- ``x2``: the same weights and biases times 2, a stand-in for trained, more strongly coupled
+  weights (the phases need hundreds of steps).
+
+Every path's gradient is compared with EP* of its own fixed point
+(``ep_kernels.gradcheck.converged_ep_gradient``): its free state continued in float64 to a
+change below 1e-12, both nudged phases from there to 1e-12, the EP gradient of those states.
+A network with max-pooling has several fixed points and rounding picks one, so each path is
+held to its own (docs/design.md, "How gradients are judged").
+
+Paths: the autograd-of-Phi reference (``ep_reference``, how the published EP codes relax:
+the baseline of each group) at fixed steps, this library at the same fixed steps, and this
+library stopping at a tolerance (caps T1, T2), synchronous and alternating. For each: the
+time (pytest-benchmark's, one round: the paths take seconds to a minute), the ratio to the
+baseline (printed by ``bench/conftest.py``), the steps and last residuals of both phases, the
+cosine of the whole gradient to EP* and the smallest per-tensor cosine; all in
+``bench/results/latest.json``.
+
+Run: ``pytest bench/test_bench_time_to_gradient.py --benchmark-only`` (about 10 minutes on
+2 cores); ``EP_BENCH_QUICK=1``: a narrow network and few steps (a smoke run of the script).
+``EP_BENCH_THREADS``: intra-op threads (default: torch's).
+"""
+import os
+
+import pytest
+import torch
+
+import ep_reference
+from ep_kernels import testing, use_backend
+from ep_kernels.gradcheck import converged_ep_gradient
+
+from conftest import record
+
+QUICK = os.environ.get("EP_BENCH_QUICK") == "1"
+if os.environ.get("EP_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["EP_BENCH_THREADS"]))
+DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "cifar_samples.pt")
+BATCH = 4 if QUICK else 32
+BETA = 1.0
+TOL = 1e-4
+# operating point -> (weight scale, the fixed-step recipe T1/T2 that autograd-of-Phi and our fixed
+# path run, caps of the early-stopped paths)
+POINTS = {
+    "init": (1.0, (20, 5) if QUICK else (250, 25), (100, 50) if QUICK else (1000, 600)),
+    "x2": (2.0, (40, 20) if QUICK else (350, 200), (200, 100) if QUICK else (1500, 1000)),
+}
+_NETS = {}
+
+
+def _setup(point):
+    """The network at an operating point and the batch (built once)."""
+    if point not in _NETS:
+        scale = POINTS[point][0]
+        net = testing.vgg5(width=1 / 16 if QUICK else 1.0, seed=0)
+        with torch.no_grad():
+            for layer in net.layers:
+                layer.weight.mul_(scale)
+                layer.bias.mul_(scale)
+        data = torch.load(DATA, weights_only=True)
+        _NETS[point] = (net, data["x"][:BATCH].contiguous(), data["y"][:BATCH].contiguous())
+    return _NETS[point]
+
+
+def _autograd_phi(net, x, y, T1, T2):
+    ref = ep_reference.ReferenceNet.from_module(net)
+
+    def run():
+        r = ep_reference.ep_gradient(ref, x, y, BETA, T1, T2)
+        # the reference reports no residuals: one more plain step of each phase measures them
+        return {"grads": r.grads, "free_state": r.s_free, "free_steps": T1, "nudged_steps": T2,
+                "free_residual": ep_reference.residual(ref, x, r.s_free),
+                "nudged_residual": ep_reference.residual(ref, x, r.s_pos, y, BETA)}
+    return run
+
+
+def _ours(net, x, y, T1, T2, tol=None, schedule="synchronous"):
+    def run():
+        net.schedule = schedule
+        net.zero_grad(set_to_none=True)
+        with use_backend("cpu"):
+            r = net.ep_backward(x, y, beta=BETA, T1=T1, T2=T2, tol=tol, keep_states=True)
+        d = r.diagnostics
+        return {"grads": {n: p.grad.clone() for n, p in net.named_parameters()}, "free_state": r.states["free"],
+                "free_steps": d["free"]["steps"], "nudged_steps": d["nudged"]["steps"],
+                "free_residual": max(d["free"]["residual"]), "nudged_residual": max(d["nudged"]["residual"])}
+    return run
+
+
+def _paths(point):
+    _, (T1, T2), (c1, c2) = POINTS[point]
+    return {
+        f"autograd-phi, fixed {T1}/{T2}": lambda net, x, y: _autograd_phi(net, x, y, T1, T2),
+        f"ep_kernels, fixed {T1}/{T2}": lambda net, x, y: _ours(net, x, y, T1, T2),
+        f"ep_kernels, tol {TOL:g}, synchronous": lambda net, x, y: _ours(net, x, y, c1, c2, TOL),
+        f"ep_kernels, tol {TOL:g}, alternating": lambda net, x, y: _ours(net, x, y, c1, c2, TOL, "alternating"),
+    }
+
+
+def _cosines(grads, star):
+    a = torch.cat([grads[k].double().flatten() for k in star])
+    b = torch.cat([star[k].flatten() for k in star])
+    per = {k: testing.cosine(grads[k].double(), star[k]) for k in star}
+    return testing.cosine(a, b), min(per.values()), min(per, key=per.get)
+
+
+CASES = [(p, name) for p in POINTS for name in _paths(p)]
+
+
+@pytest.mark.parametrize("point,path", CASES, ids=[f"{p}:{n}" for p, n in CASES])
+def test_time_to_gradient(benchmark, point, path):
+    net, x, y = _setup(point)
+    benchmark.group = f"vgg5 time to an EP gradient, batch {BATCH}, weights {point}"
+    benchmark.name = path
+    benchmark.extra_info["baseline"] = path.startswith("autograd-phi")
+    out = benchmark.pedantic(_paths(point)[path](net, x, y), rounds=1, warmup_rounds=0)
+    try:  # EP* continues with the path's own schedule
+        star, info = converged_ep_gradient(net, x, y, BETA, free_state=out["free_state"], max_steps=8000)
+    finally:
+        net.schedule = "synchronous"
+    cos, cos_min, worst = _cosines(out["grads"], star)
+    values = {k: v for k, v in out.items() if k not in ("grads", "free_state")}
+    values.update(cosine_to_own_ep_star=cos, min_tensor_cosine=cos_min, worst_tensor=worst,
+                  ep_star_free_steps=info["free"]["steps"], ep_star_nudged_steps=info["nudged"]["steps"])
+    benchmark.extra_info.update(values)
+    record(f"time to gradient, weights {point} (cosine to the path's own EP*)", path, **values)
+    assert all(torch.isfinite(g).all() for g in out["grads"].values())
