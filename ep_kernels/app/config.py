@@ -23,7 +23,7 @@ from ..network import check_beta as library_check_beta
 DEFAULTS = dict(
     preset="small", width=1.0, activation="hardsigmoid_half", init_scale=None,
     dataset="digits", data_dir=None, download=False, augment=None, limit_train=None, limit_test=None,
-    algorithm="ep", T1=30, T2=10, beta=0.5, nudging="symmetric", eval_T1=None, tol=None, schedule=None,
+    algorithm="ep", T1=30, T2=10, beta=0.5, nudging="symmetric", eval_T1=None, tol=1e-4, schedule=None,
     epochs=50, batch_size=32, lr="0.05", momentum=0.9, weight_decay=0.0, cosine=True,
     seed=0, threads=None, device="cpu",
 )

@@ -41,6 +41,12 @@ def _lr_arg(text):
     return text.replace(" ", "")
 
 
+def _tol_arg(text):
+    if text.strip().lower() == "none":
+        return None
+    return number(float, 0, strict=True)(text)
+
+
 def make_parser():
     d = DEFAULTS
     p = argparse.ArgumentParser(
@@ -73,8 +79,10 @@ def make_parser():
     g = p.add_argument_group("algorithm")
     g.add_argument("--algorithm", choices=("ep", "bptt"), default=d["algorithm"],
                    help="EP gradient estimate, or backprop through the T1 free steps (default: %(default)s)")
-    g.add_argument("--T1", type=number(int, 1), default=d["T1"], help="free-phase steps (default: %(default)s)")
-    g.add_argument("--T2", type=number(int, 1), default=d["T2"], help="nudged-phase steps (default: %(default)s)")
+    g.add_argument("--T1", type=number(int, 1), default=d["T1"],
+                   help="free-phase steps at most (default: %(default)s)")
+    g.add_argument("--T2", type=number(int, 1), default=d["T2"],
+                   help="nudged-phase steps at most (default: %(default)s)")
     g.add_argument("--beta", type=number(float, 0, strict=True), default=d["beta"],
                    help="nudging strength (default: %(default)s)")
     g.add_argument("--nudging", choices=("symmetric", "one-sided", "random-sign"), default=d["nudging"],
@@ -85,8 +93,10 @@ def make_parser():
                         "alternating for the deep presets vgg11/13/16 and deep8, synchronous otherwise)")
     g.add_argument("--eval-T1", type=number(int, 1), default=None,
                    help="free-phase steps at evaluation (default: --T1)")
-    g.add_argument("--tol", type=number(float, 0, strict=True), default=None,
-                   help="stop a phase early once every layer's max change is below this")
+    g.add_argument("--tol", type=_tol_arg, default=d["tol"],
+                   help="a phase stops at the first step where every layer's max change is below this, T1 / T2 "
+                        "being caps; each epoch's line shows the mean steps taken; 'none': always T1 / T2 steps "
+                        "(default: %(default)s)")
     g = p.add_argument_group("optimisation (SGD)")
     g.add_argument("--epochs", type=number(int, 1), default=d["epochs"], help="default: %(default)s")
     g.add_argument("--batch-size", type=number(int, 1), default=d["batch_size"], help="default: %(default)s")

@@ -479,9 +479,12 @@ class Trainer:
         line = (f"epoch {row['epoch']}/{cfg['epochs']}  train loss {row['train_loss']:.4f} acc "
                 f"{100 * row['train_acc']:.2f}%  test loss {row['test_loss']:.4f} acc {100 * row['test_acc']:.2f}%  "
                 f"lr {row['lr'][0]:.4g}  {row['seconds']:.1f}s")
-        free_res = row["diagnostics"].get("free.residual")
+        diag = row["diagnostics"]
+        free_res = diag.get("free.residual")
         if free_res:
             line += f"  free residual {max(free_res):.1e}"
+        if cfg.get("tol") is not None and "free.steps" in diag and "nudged.steps" in diag:
+            line += f"  steps {diag['free.steps']:.0f}/{diag['nudged.steps']:.0f}"
         self.say(line)
         if free_res and max(free_res) > UNCONVERGED and not self.warned_unconverged:
             self.warned_unconverged = True
