@@ -189,15 +189,22 @@ if algo == "ep":
 else:
     net.bptt_backward(x, y, T1=T1)
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({{"peak_mib": peak / 1024, "growth_mib": (peak - base) / 1024}}))
+plan = net.plan_for(x)
+# EP's own memory: two state buffer sets for the batch and two for the nudged phases' 2N batch
+states = sum(b.numel() * b.element_size() for m in (n, 2 * n) for pair in plan.buffers(m) for b in pair)
+params = sum(p.numel() * p.element_size() for p in net.parameters())
+print(json.dumps({{"peak_mib": peak / 1024, "growth_mib": (peak - base) / 1024, "state_buffers_mib": states / 2**20,
+                  "parameters_mib": params / 2**20}}))
 """
 
 
 @pytest.mark.parametrize("T1_mem", [50, 100, 250])
 def test_peak_memory_ep_vs_bptt(benchmark, T1_mem):
-    """Peak resident memory growth of one ep_backward and one bptt_backward (batch 8)."""
+    """Peak resident memory of one ep_backward and one bptt_backward (batch 32), and EP's
+    state buffers (what it must keep: two sets per batch size) against the rest (parameters,
+    the process, and the transient workspace of the convolutions)."""
     benchmark.group = "peak memory (see measurements)"
-    n = 2 if QUICK else 8
+    n = 2 if QUICK else BATCH
     t1 = max(5, T1_mem // 10) if QUICK else T1_mem
     script = _MEM_SCRIPT.format(bench=os.path.dirname(os.path.abspath(__file__)))
     out = {}
@@ -210,5 +217,7 @@ def test_peak_memory_ep_vs_bptt(benchmark, T1_mem):
     record("peak memory of one call, MiB (vgg5, batch %d)" % n, f"T1={t1}",
            ep_growth=out["ep"]["growth_mib"], bptt_growth=out["bptt"]["growth_mib"],
            ep_peak=out["ep"]["peak_mib"], bptt_peak=out["bptt"]["peak_mib"],
-           peak_ratio_bptt_over_ep=out["bptt"]["peak_mib"] / out["ep"]["peak_mib"])
+           peak_ratio_bptt_over_ep=out["bptt"]["peak_mib"] / out["ep"]["peak_mib"],
+           growth_ratio_bptt_over_ep=out["bptt"]["growth_mib"] / max(out["ep"]["growth_mib"], 1e-9),
+           ep_state_buffers=out["ep"]["state_buffers_mib"], parameters=out["ep"]["parameters_mib"])
     benchmark.pedantic(lambda: None, rounds=1)

@@ -16,7 +16,8 @@ held to its own (docs/design.md, "How gradients are judged").
 
 Paths: the autograd-of-Phi reference (``ep_reference``, how the published EP codes relax:
 the baseline of each group) at fixed steps, this library at the same fixed steps, and this
-library stopping at a tolerance (caps T1, T2), synchronous and alternating. For each: the
+library stopping at a tolerance (caps T1, T2), synchronous and alternating, and alternating
+with bfloat16 convolutions until a change of 1e-3 followed by float32 steps. For each: the
 time (pytest-benchmark's, one round: the paths take seconds to a minute), the ratio to the
 baseline (printed by ``bench/conftest.py``), the steps and last residuals of both phases, the
 cosine of the whole gradient to EP* and the smallest per-tensor cosine; all in
@@ -63,7 +64,14 @@ def _setup(point):
                 layer.weight.mul_(scale)
                 layer.bias.mul_(scale)
         data = torch.load(DATA, weights_only=True)
-        _NETS[point] = (net, data["x"][:BATCH].contiguous(), data["y"][:BATCH].contiguous())
+        x, y = data["x"][:BATCH].contiguous(), data["y"][:BATCH].contiguous()
+        # warm-up outside the timings: plans and buffers, the kernels' weight packings, the
+        # allocator, oneDNN's choice of convolution algorithm, for both paths and both schedules
+        for schedule in ("synchronous", "alternating"):
+            _ours(net, x, y, 2, 2, schedule=schedule)()
+        _autograd_phi(net, x, y, 2, 2)()
+        net.schedule = "synchronous"
+        _NETS[point] = (net, x, y)
     return _NETS[point]
 
 
@@ -79,12 +87,16 @@ def _autograd_phi(net, x, y, T1, T2):
     return run
 
 
-def _ours(net, x, y, T1, T2, tol=None, schedule="synchronous"):
+def _ours(net, x, y, T1, T2, tol=None, schedule="synchronous", compute_dtype=None):
     def run():
         net.schedule = schedule
+        net.compute_dtype = compute_dtype
         net.zero_grad(set_to_none=True)
-        with use_backend("cpu"):
-            r = net.ep_backward(x, y, beta=BETA, T1=T1, T2=T2, tol=tol, keep_states=True)
+        try:
+            with use_backend("cpu"):
+                r = net.ep_backward(x, y, beta=BETA, T1=T1, T2=T2, tol=tol, keep_states=True)
+        finally:
+            net.compute_dtype = None
         d = r.diagnostics
         return {"grads": {n: p.grad.clone() for n, p in net.named_parameters()}, "free_state": r.states["free"],
                 "free_steps": d["free"]["steps"], "nudged_steps": d["nudged"]["steps"],
@@ -99,6 +111,9 @@ def _paths(point):
         f"ep_kernels, fixed {T1}/{T2}": lambda net, x, y: _ours(net, x, y, T1, T2),
         f"ep_kernels, tol {TOL:g}, synchronous": lambda net, x, y: _ours(net, x, y, c1, c2, TOL),
         f"ep_kernels, tol {TOL:g}, alternating": lambda net, x, y: _ours(net, x, y, c1, c2, TOL, "alternating"),
+        # bfloat16 convolutions down to a change of 1e-3, then float32 steps down to TOL (engine.Precision)
+        f"ep_kernels, tol {TOL:g}, alternating, bf16 then f32": lambda net, x, y: _ours(
+            net, x, y, c1, c2, TOL, "alternating", torch.bfloat16),
     }
 
 

@@ -211,12 +211,15 @@ class _PhaseRunner:
 
 
 def _runner(plan, kind, key, factory):
+    """The runner of one kind of phase for ``key``; a phase run in two precisions (bfloat16,
+    then the parameters' dtype: ``engine.Precision``) keeps one runner for each."""
     cache = plan.__dict__.setdefault("_cuda_graph_runners", {})
-    r = cache.get(kind)
-    if r is None or r[0] != key:
-        r = (key, factory())
-        cache[kind] = r
-    return r[1]
+    runners = cache.setdefault(kind, {})
+    if key not in runners:
+        if len(runners) >= 4:  # keys that changed (replaced parameters, another backend): drop the oldest
+            runners.pop(next(iter(runners)))
+        runners[key] = factory()
+    return runners[key]
 
 
 def _backend_key(x):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import cuda_graphs
 from ._backend import use_backend
-from .relaxation import ACTIVATION_GAIN, make_nudge_fn, prepare_layers, relax
+from .relaxation import ACTIVATION_GAIN, PhaseReport, make_nudge_fn, prepare_layers, relax
 
 
 @dataclass
@@ -50,6 +50,73 @@ def nudged_phase(net, plan, x, y, teacher, s_star, betas, T, gain, tol=None, che
     return relax(net.layers, x, bufs, T, gain, first_drive=first_drive, tol=tol, check_every=check_every,
                  spare=spare, phase="nudged", nudge_fn=make_nudge_fn(net, y, teacher, betas), prepared=prepared,
                  schedule=schedule)
+
+
+# With a low-precision compute dtype (bfloat16 convolutions), a phase stopping at ``tol`` runs in
+# two stages: in that dtype down to this change (about where bfloat16 drives stop improving
+# the states: measured near 5e-4), then in the parameters' dtype down to ``tol``. The fixed
+# point reached is then the parameters' dtype's, at the cost of a few full-precision steps.
+LOW_PRECISION_TOL = 1e-3
+
+
+class Precision:
+    """The weights and first-layer drive of one call, in the compute dtype and, when that is
+    a lower precision, in the parameters' dtype too (for the final stage of each phase)."""
+
+    def __init__(self, layers, x, compute_dtype):
+        lower = compute_dtype is not None and compute_dtype != layers[0].weight.dtype
+        self.low = prepare_layers(layers, compute_dtype) if lower else None
+        self.full = prepare_layers(layers, None)
+        self.first_full = layers[0].drive(x, self.full[0])
+        self.first_low = layers[0].drive(x, self.low[0]) if self.low is not None else None
+
+    def stages(self, tol):
+        """(prepared, first drive, tol) per stage of a phase."""
+        if self.low is None:
+            return [(self.full, self.first_full, tol)]
+        if tol is None:  # fixed steps: all of them in the compute dtype
+            return [(self.low, self.first_low, None)]
+        return [(self.low, self.first_low, max(tol, LOW_PRECISION_TOL)), (self.full, self.first_full, tol)]
+
+
+def doubled(first):
+    """A first-layer drive for the nudged phases' batch of 2N."""
+    return torch.cat([first[0], first[0]]), torch.cat([first[1], first[1]]) if first[1] is not None else None
+
+
+def in_stages(run, stages, T, start):
+    """Run a phase stage by stage, each from the last one's states, ``T`` steps in all; a stage
+    that does not converge (out of steps) ends the phase. ``run(prepared, first_drive, tol,
+    steps, init)`` runs one stage. Returns (states, report)."""
+    states, done, report = start, 0, None
+    for prepared, first, tol in stages:
+        if report is not None and (not report.converged or done >= T):
+            break
+        states, rep = run(prepared, first, tol, T - done, states)
+        done += rep.steps
+        report = PhaseReport(steps=done, residual=rep.residual, converged=rep.converged)
+    return states, report
+
+
+def relax_free(net, plan, x, T, tol, check_every, precision, init=None):
+    """The free phase of ``net`` (in stages, see ``Precision``); returns (s*, report)."""
+    gain = ACTIVATION_GAIN[net.activation]
+
+    def run(prepared, first, tol_, steps, start):
+        return free_phase(net.layers, plan, x, steps, gain, tol_, check_every, first_drive=first, prepared=prepared,
+                          schedule=net.schedule, init=start)
+    return in_stages(run, precision.stages(tol), T, init)
+
+
+def relax_nudged(net, plan, x, y, teacher, s_start, betas, T, tol, check_every, precision, doubled_batch):
+    """The nudged phase(s) of ``net`` from ``s_start`` (in stages); returns (states, report)."""
+    gain = ACTIVATION_GAIN[net.activation]
+
+    def run(prepared, first, tol_, steps, start):
+        first = doubled(first) if doubled_batch else first
+        return nudged_phase(net, plan, x, y, teacher, start, betas, steps, gain, tol_, check_every, first_drive=first,
+                            prepared=prepared, schedule=net.schedule)
+    return in_stages(run, precision.stages(tol), T, s_start)
 
 
 def cost(mode, readout, s_last, y):
@@ -125,28 +192,22 @@ def _grad_change(layer, before):
 def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep_states=False, teacher=None,
                 free_init=None):
     """Free phase, nudged phase(s), EP gradient into ``.grad``. See docs/design.md, "The EP gradient"."""
-    layers, gain = net.layers, ACTIVATION_GAIN[net.activation]
+    layers = net.layers
     plan = net.plan_for(x)
     n = x.shape[0]
     teacher = resolve_teacher(net, teacher, x)
     grads_before = [[None if p.grad is None else p.grad.clone() for p in layer.parameters()] for layer in layers]
     with torch.no_grad():
-        prepared = prepare_layers(layers, net.compute_dtype)
-        first = layers[0].drive(x, prepared[0])
-        s_free, free_rep = free_phase(layers, plan, x, T1, gain, tol, check_every, first_drive=first,
-                                      prepared=prepared, schedule=net.schedule, init=free_init)
+        precision = Precision(layers, x, net.compute_dtype)
+        s_free, free_rep = relax_free(net, plan, x, T1, tol, check_every, precision, init=free_init)
         s_star = [s.clone() for s in s_free]
         if nudging == "symmetric":
             # +beta and -beta are independent: one phase on a batch of 2N.
-            x2 = torch.cat([x, x])
-            first2 = (torch.cat([first[0], first[0]]),
-                      torch.cat([first[1], first[1]]) if first[1] is not None else None)
             betas = torch.cat([torch.full((n,), beta, dtype=x.dtype, device=x.device),
                                torch.full((n,), -beta, dtype=x.dtype, device=x.device)])
-            s2 = [torch.cat([s, s]) for s in s_star]
-            s_nud, nud_rep = nudged_phase(net, plan, x2, torch.cat([y, y]), _double_teacher(teacher), s2, betas, T2,
-                                          gain, tol, check_every, first_drive=first2, prepared=prepared,
-                                          schedule=net.schedule)
+            s_nud, nud_rep = relax_nudged(net, plan, torch.cat([x, x]), torch.cat([y, y]), _double_teacher(teacher),
+                                          [torch.cat([s, s]) for s in s_star], betas, T2, tol, check_every, precision,
+                                          doubled_batch=True)
             s_plus = [s[:n].clone() for s in s_nud]
             s_minus = [s[n:].clone() for s in s_nud]
             contrastive_update(layers, x, s_plus, s_minus, x, -1.0 / (2.0 * beta * n))
@@ -156,8 +217,8 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep
             if nudging == "random-sign":
                 b = beta if torch.randint(0, 2, (1,)).item() == 1 else -beta
             betas = torch.full((n,), b, dtype=x.dtype, device=x.device)
-            s_nud, nud_rep = nudged_phase(net, plan, x, y, teacher, s_star, betas, T2, gain, tol, check_every,
-                                          first_drive=first, prepared=prepared, schedule=net.schedule)
+            s_nud, nud_rep = relax_nudged(net, plan, x, y, teacher, s_star, betas, T2, tol, check_every, precision,
+                                          doubled_batch=False)
             s_plus, s_minus = [s.clone() for s in s_nud], None
             contrastive_update(layers, x, s_plus, s_star, x, -1.0 / (b * n))
             head_states = (s_star,)

@@ -278,10 +278,8 @@ class EPNetwork(nn.Module):
         with self._call_lock, torch.no_grad():
             plan = self.plan_for(x)
             init = self._check_init(init, x, plan)
-            gain = relaxation.ACTIVATION_GAIN[self.activation]
-            states, rep = engine.free_phase(self.layers, plan, x, T1, gain, tol, self._check_every(x),
-                                            prepared=relaxation.prepare_layers(self.layers, self.compute_dtype),
-                                            schedule=self.schedule, init=init)
+            precision = engine.Precision(self.layers, x, self.compute_dtype)
+            states, rep = engine.relax_free(self, plan, x, T1, tol, self._check_every(x), precision, init=init)
             return [s.clone() for s in states], rep
 
     def forward(self, x, T1=None):

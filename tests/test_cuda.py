@@ -93,13 +93,18 @@ def test_runner_recreated_when_parameters_are_replaced():
         plan = net.plan_for(x)
         s_star = [torch.rand((2,) + s, dtype=torch.float64) for s in plan.state_shapes]
         cuda_graphs.nudged_phase(net, plan, x, y, None, s_star, betas, 3, gain, capture=False)
-        r1 = plan._cuda_graph_runners[("nudged", 2)][1]
+        runners = plan._cuda_graph_runners[("nudged", 2)]
+        (r1,) = runners.values()
         net.readout.weight.mul_(0.5)  # in place: the same runner (a captured graph stays valid)
         cuda_graphs.nudged_phase(net, plan, x, y, None, s_star, betas, 3, gain, capture=False)
-        assert plan._cuda_graph_runners[("nudged", 2)][1] is r1
+        assert list(runners.values()) == [r1]
         net.readout.weight = torch.nn.Parameter(net.readout.weight.clone())  # replaced: a new one
         cuda_graphs.nudged_phase(net, plan, x, y, None, s_star, betas, 3, gain, capture=False)
-        assert plan._cuda_graph_runners[("nudged", 2)][1] is not r1
+        assert len(runners) == 2 and list(runners.values())[-1] is not r1
+        for _ in range(5):  # keys that keep changing: at most 4 runners are kept
+            net.readout.weight = torch.nn.Parameter(net.readout.weight.clone())
+            cuda_graphs.nudged_phase(net, plan, x, y, None, s_star, betas, 3, gain, capture=False)
+        assert len(runners) == 4 and r1 not in runners.values()
 
 
 def test_runner_reports_divergence():

@@ -301,3 +301,26 @@ def test_converged_ep_gradient_matches_bptt_of_its_fixed_point():
     net64.bptt_backward(x.double(), y, T1=400)
     for name, p in net64.named_parameters():
         assert cosine(star[name], p.grad) > 0.99999, name
+
+
+def test_bfloat16_phases_finish_in_the_parameters_dtype():
+    """compute_dtype=bfloat16 with a tolerance: each phase relaxes in bfloat16 down to a change
+    of LOW_PRECISION_TOL, then in float32 down to tol, so it ends at a float32 fixed point (one
+    more float32 step changes it by less than tol), which bfloat16 steps alone never reach.
+    (With max-pooling it may be another fixed point than a float32 run's from zero: each is
+    judged against EP* of its own, bench/test_bench_time_to_gradient.py.)"""
+    from ep_kernels.engine import LOW_PRECISION_TOL
+
+    x, y = make_batch(n=4, dtype=torch.float32, seed=9)
+    full = small_net("conv_pool", torch.float32, seed=4)
+    mixed = small_net("conv_pool", torch.float32, seed=4, compute_dtype=torch.bfloat16)
+    s_mixed, rep = mixed.free_phase(x, T1=400, tol=1e-6)
+    assert rep.converged and max(rep.residual) < 1e-6
+    _, one_more = full.free_phase(x, T1=1, init=s_mixed)
+    assert max(one_more.residual) < 1e-6
+    s_low, rep_low = mixed.free_phase(x, T1=rep.steps)  # no tol: every step in bfloat16
+    _, one_more_low = full.free_phase(x, T1=1, init=s_low)
+    assert max(one_more_low.residual) > 1e-6
+    r = mixed.ep_backward(x, y, T1=400, T2=200, tol=1e-6)
+    assert r.diagnostics["nudged"]["converged"] and max(r.diagnostics["nudged"]["residual"]) < 1e-6
+    assert LOW_PRECISION_TOL > 1e-6
