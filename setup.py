@@ -108,7 +108,7 @@ setup(
     packages=find_packages(include=["ep_kernels", "ep_kernels.*"]) + ["ep_reference", "ep_kernels._csrc"],
     # csrc/ stays at the top of the repository; in the wheel it is the package data ep_kernels/_csrc
     package_dir={"ep_reference": "python/ep_reference", "ep_kernels._csrc": "csrc"},
-    package_data={"ep_kernels._csrc": SOURCE_GLOBS},
+    package_data={"ep_kernels._csrc": SOURCE_GLOBS, "ep_kernels.app": ["datasets/*.npz", "datasets/README.md"]},
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
     python_requires=">=3.9",

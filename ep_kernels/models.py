@@ -14,6 +14,11 @@
   in four blocks of two, channels 16-32-64-64 (times ``width``), the first block at 8x8 and a
   2x2 max-pool ending each of the others (8 -> 4 -> 2 -> 1), so every convolution sees at
   least a 2x2 map.
+- ``mnist_vgg6``: a deep preset for 28x28 inputs (``--dataset mnist5k``): 6 convolutions (3x3)
+  in three stages of two, channels 16-16-32-32-64-64 (times ``width``), each convolution
+  followed by a 2x2 max-pool, with padding 2 so that the maps last: 28 -> 15 -> 8 -> 5 -> 3 -> 2
+  -> 2 (every convolution sees at least 2x2; readout 64*2*2 -> classes). Its initialisation and
+  phases are its own (below); measured in ``examples/mnist5k_convergence.py`` (issue 12).
 
 Deep presets record their blocks in ``net.block_ends`` (the index of each block's last layer);
 ``build_signals`` attaches the intermediate signals there by default (every block end except
@@ -33,6 +38,49 @@ filter) in every layer that reads states (all but the first), times ``init_scale
 makes it; and they relax with the ``alternating`` schedule (``EPNetwork``), which converges
 where synchronous updates oscillate.
 
+``mnist_vgg6``'s initialisation, measured on batches of 32 real digits (mnist5k; table and
+levers in ``examples/results/mnist5k_convergence.txt``). The free phase of a 6-layer chain of
+symmetric couplings has two regimes, with a sharp edge between them, and the deep presets'
+"centred filters times 3" lies on the wrong side of it:
+
+- weak couplings (centred default filters times 1 to 1.5, or ``gain * ||W_l|| <= 1`` with
+  ``||W_l||`` a layer's operator norm): the free phase converges fast (max residual <= 1e-4
+  after 7 to 50 steps), the states carry the input (relative spread over the batch 0.3 to 1.1
+  in every layer), but their amplitude fades layer after layer (mean state 5e-2 at layer 1,
+  3e-5 to 6e-3 at layer 6). Such networks did not train: BPTT at lr 0.05 stayed at chance
+  after 120 to 250 steps, whether with zero biases (the bias gradients, which do not shrink with
+  the states, kill the faded units), PyTorch's default biases, no biases (and EP's gradient
+  then departs from BPTT's even at convergence, cosine 0.0 to 0.8 in float64 at beta 1e-3:
+  units fed only by the digits' zero background sit exactly at the clamp's kink) or a readout
+  scaled up 10 to 100 times;
+- strong couplings (``gain * ||W_l|| >= 1.1``, or centred filters times 2 to 3): the network
+  "ignites", its states are large (mean 0.1 to 0.5 in every layer) and still input-dependent
+  (spread 0.3 to 1), but the relaxation crawls: synchronous updates oscillate, alternating ones
+  converge only when every convolution is pooled, and then in 117 to 233 steps.
+
+Which the preset's choices follow from:
+
+- a max-pool after every convolution (padding 2 keeps the maps): through a pool the forward
+  drive takes the largest of four inputs while the top-down signal reaches only one of four,
+  so the forward transfer is larger for the same loop gain. With the pools of VGG (after
+  every second convolution) the strong regime never converged within 300 steps;
+- every layer past the first scaled to ``gain * ||W_l|| = MNIST_VGG6_LINK`` (1.3: past the edge,
+  the fastest-converging value measured among 1.1, 1.15, 1.2, 1.3, 1.5, 1.6, 2.0) from
+  centred default filters; the first layer (which does not take part in the loop: x is
+  clamped) at ``DEEP_GAIN / gain`` as the other deep presets; zero biases; PyTorch's readout.
+  ``init_scale`` multiplies all of these (1 by default). Normalising by the operator norm
+  rather than a fixed factor makes the edge independent of width and seed;
+- the alternating schedule (synchronous updates do not converge here) and ``T1`` 250, ``T2``
+  60 by default (ep-train's ``--T1``/``--T2`` override them; ep-train's own default T1 of 30
+  is far too short for this preset).
+
+Measured at width 0.5 over 3 seeds x 2 batches: 117 to 202 steps to a max residual of 1e-4
+(width 1: 135 to 182), top-layer mean 0.23 to 0.26, spread 0.31 to 0.35; at the weights of
+a 2-epoch BPTT pilot, 70 steps. This is a network that converges and carries the input, not
+yet one that learns fast: that BPTT pilot (width 0.5, T1 150, lr 0.05) reached only 18% on
+the held-out digits after 2 epochs, and its steps cost. An over-relaxed alternating update
+(not a library option) converged it in 40 to 63 steps (see the example).
+
 Layers are named ``layers.<i>`` and ``readout`` (``EPNetwork``), which is what per-layer
 learning rates refer to.
 """
@@ -45,7 +93,7 @@ from .relaxation import ACTIVATION_GAIN
 from .layers import EPConv2d, EPLinear
 from .network import EPNetwork
 
-PRESETS = ("small", "vgg5", "mlp", "vgg11", "vgg13", "vgg16", "deep8")
+PRESETS = ("small", "vgg5", "mlp", "vgg11", "vgg13", "vgg16", "deep8", "mnist_vgg6")
 
 # Blocks of (channels, number of 3x3 convolutions, pool after the block).
 DEEP_BLOCKS = {
@@ -53,7 +101,17 @@ DEEP_BLOCKS = {
     "vgg13": [(64, 2, 2), (128, 2, 2), (256, 2, 2), (512, 2, 2), (512, 2, 2)],
     "vgg16": [(64, 2, 2), (128, 2, 2), (256, 3, 2), (512, 3, 2), (512, 3, 2)],
     "deep8": [(16, 2, 1), (32, 2, 2), (64, 2, 2), (64, 2, 2)],
+    "mnist_vgg6": [(16, 2, 2), (32, 2, 2), (64, 2, 2)],
 }
+# Presets whose every convolution is pooled, with this padding (mnist_vgg6: see the docstring).
+POOL_EVERY_CONV = {"mnist_vgg6": 2}
+# Smallest input (H = W) of each deep preset, for the error message.
+DEEP_MIN_INPUT = {"deep8": "8x8"}
+# mnist_vgg6's coupling: every layer past the first starts at gain * ||W|| = MNIST_VGG6_LINK
+# (||W||: its convolution's operator norm at its input size; see the module docstring).
+MNIST_VGG6_LINK = 1.3
+# mnist_vgg6's own phase lengths, used when T1 / T2 are not given (ep-train always gives them).
+MNIST_VGG6_T1, MNIST_VGG6_T2 = 250, 60
 # Deep presets' default init_scale times the activation's gain (see the module docstring).
 DEEP_GAIN = 1.5
 SIGNAL_KINDS = ("classifier", "feature", "logit")
@@ -109,12 +167,15 @@ def build_network(name, in_shape, n_classes, activation="hardsigmoid_half", init
     elif deep:
         specs, block_ends = [], []
         for c, n, pool in DEEP_BLOCKS[name]:
-            specs += [(ch(c), 3, 1, 1)] * (n - 1) + [(ch(c), 3, 1, pool)]
+            if name in POOL_EVERY_CONV:
+                specs += [(ch(c), 3, POOL_EVERY_CONV[name], pool)] * n
+            else:
+                specs += [(ch(c), 3, 1, 1)] * (n - 1) + [(ch(c), 3, 1, pool)]
             block_ends.append(len(specs) - 1)
         try:
             layers, readout = _conv_stack(in_shape, specs, n_classes)
         except ValueError as e:
-            need = "8x8" if name == "deep8" else "32x32"
+            need = DEEP_MIN_INPUT.get(name, "32x32")
             raise ValueError(f"preset {name!r} needs inputs of at least {need} pixels; got shape {in_shape}: {e}") \
                 from e
     else:  # mlp
@@ -123,13 +184,20 @@ def build_network(name, in_shape, n_classes, activation="hardsigmoid_half", init
         readout = nn.Linear(ch(256), n_classes)
 
     centred_scale = None
-    if deep:
+    if name == "mnist_vgg6":
+        centred_scale = normalised_scales(layers, in_shape, ACTIVATION_GAIN[activation], MNIST_VGG6_LINK,
+                                          1.0 if init_scale is None else float(init_scale))
+        centred_init_(layers, centred_scale)
+    elif deep:
         centred_scale = DEEP_GAIN / ACTIVATION_GAIN[activation] if init_scale is None else float(init_scale)
         centred_init_(layers, centred_scale)
     elif init_scale is not None and init_scale != 1.0:
         with torch.no_grad():
             for p in [p for m in list(layers) + [readout] for p in m.parameters()]:
                 p.mul_(init_scale)
+    if name == "mnist_vgg6":
+        kw.setdefault("T1", MNIST_VGG6_T1)
+        kw.setdefault("T2", MNIST_VGG6_T2)
     if schedule is None:
         schedule = "alternating" if deep else "synchronous"
     net = EPNetwork(*layers, readout=readout, activation=activation, schedule=schedule, **kw)
@@ -142,14 +210,69 @@ def build_network(name, in_shape, n_classes, activation="hardsigmoid_half", init
 def centred_init_(layers, scale):
     """The deep presets' initialisation, in place on layers with PyTorch's default weights:
     filters centred per output channel in every layer that reads states (all but the first),
-    times ``scale``; zero biases."""
+    times ``scale`` (one number, or one per layer); zero biases."""
+    scales = list(scale) if isinstance(scale, (list, tuple)) else [scale] * len(layers)
+    if len(scales) != len(layers):
+        raise ValueError(f"centred_init_: {len(scales)} scales for {len(layers)} layers")
     for i, layer in enumerate(layers):
         w = layer.weight
         if i > 0:  # reads states, which are >= 0: remove the common offset mean(W) * sum(s)
-            w.sub_(w.mean(dim=tuple(range(1, w.dim())), keepdim=True))
-        w.mul_(scale)
+            w.sub_(_channel_means(w))
+        w.mul_(float(scales[i]))
         if layer.bias is not None:
             layer.bias.zero_()
+
+
+def _channel_means(w):
+    return w.mean(dim=tuple(range(1, w.dim())), keepdim=True)
+
+
+@torch.no_grad()
+def operator_norm(layer, in_shape, weight=None, iters=200):
+    """Largest singular value of ``layer``'s linear map (an ``EPConv2d``'s convolution before its
+    pooling, at input size ``in_shape`` = (C, H, W); an ``EPLinear``'s matrix), with ``weight``
+    in place of the layer's own if given, by power iteration from a fixed start (it uses no
+    global random state)."""
+    w = (layer.weight if weight is None else weight).detach()
+    g = torch.Generator().manual_seed(0)
+    if isinstance(layer, EPConv2d):
+        args = layer.conv_args()
+        fwd = lambda v: torch.nn.functional.conv2d(v, w, None, **args)  # noqa: E731
+        shape = (1,) + tuple(in_shape)
+        out_hw = fwd(torch.zeros(shape, dtype=w.dtype)).shape[-2:]
+        back = lambda u: torch.nn.functional.conv_transpose2d(  # noqa: E731
+            u, w, None, args["stride"], args["padding"], _output_padding(in_shape[1:], out_hw, layer),
+            args["groups"], args["dilation"])
+    else:
+        fwd, back, shape = (lambda v: v @ w.T), (lambda u: u @ w), (1, w.shape[1])
+    v = torch.randn(shape, generator=g, dtype=w.dtype)
+    sigma = 0.0
+    for _ in range(iters):
+        v = v / v.norm()
+        u = fwd(v)
+        sigma = float(u.norm())
+        v = back(u)
+    return sigma
+
+
+def _output_padding(in_hw, out_hw, layer):
+    """The transposed convolution's output_padding that gives back the input size ``in_hw``."""
+    k, st, pad, dil = layer.kernel_size, layer.stride, layer.conv_args()["padding"], layer.dilation
+    return [in_hw[i] - ((out_hw[i] - 1) * st[i] - 2 * pad[i] + dil[i] * (k[i] - 1) + 1) for i in range(2)]
+
+
+def normalised_scales(layers, in_shape, gain, link, init_scale=1.0):
+    """Per-layer factors of ``centred_init_`` for ``mnist_vgg6`` (see the module docstring): the
+    first layer ``DEEP_GAIN / gain`` (as the other deep presets), every later one
+    ``link / (gain * ||W_l||)`` with ``||W_l||`` the operator norm of its centred default
+    filters at its input size; all times ``init_scale``."""
+    scales, shape = [DEEP_GAIN / gain * init_scale], tuple(in_shape)
+    for i, layer in enumerate(layers):
+        if i > 0:
+            w = layer.weight.detach()
+            scales.append(link / (gain * operator_norm(layer, shape, w - _channel_means(w))) * init_scale)
+        shape = tuple(layer.state_shape(shape))
+    return tuple(scales)
 
 
 def _pooled_ends(net):

@@ -46,7 +46,7 @@ from . import distributed
 from .checkpoint import (RunFolderLock, capture_rng, clean_temp_files, file_stamp, restore_rng, write_atomic,
                          write_json)
 from .config import TEACHER_FILE, UsageError, attach_signals, check_beta, one_line, parse_lrs
-from .data import load_dataset
+from .data import BUNDLED, load_dataset
 from .metrics import accumulate, diag_means, new_partial, plot_curves, plot_diagnostics, summary
 from .teacher import prepare_teacher
 
@@ -100,7 +100,7 @@ def _device(cfg):
 
 
 def _data(cfg):
-    if cfg["dataset"] != "digits" and cfg["data_dir"] is None:
+    if cfg["dataset"] not in BUNDLED and cfg["data_dir"] is None:
         raise UsageError(f"--dataset {cfg['dataset']} needs --data-dir (a folder in torchvision's layout)")
     try:
         data = load_dataset(cfg["dataset"], cfg["data_dir"], cfg["download"], cfg["augment"])
