@@ -16,8 +16,16 @@ EXTRA = {}  # group -> {name: dict}, filled by record() for non-timing measureme
 
 
 def record(group, name, **values):
-    """Record a non-timing measurement (memory, step counts, agreement) for the report."""
+    """Record a non-timing measurement (memory, step counts, agreement) for the report. Each is
+    also appended at once to ``bench/results/progress.jsonl`` (and printed): the report is
+    written only when the session ends, and a long run that is killed keeps its rows there."""
     EXTRA.setdefault(group, {})[name] = values
+    os.makedirs(RESULTS, exist_ok=True)
+    line = json.dumps({"when": datetime.datetime.now().isoformat(timespec="seconds"), "group": group,
+                       "name": name, **values}, default=str)
+    with open(os.path.join(RESULTS, "progress.jsonl"), "a") as f:
+        f.write(line + "\n")
+    print("\n" + line, flush=True)
 
 
 import pytest

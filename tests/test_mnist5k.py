@@ -135,3 +135,22 @@ def test_mnist_vgg6_free_phase_converges_at_init(mnist5k, width):
     # Not asserted: how far the states still move after the tol stop. Near its fixed point this
     # preset contracts slowly, so a step's change of 1e-4 is not a distance of 1e-4 to the fixed
     # point: measured here, the states at tol 1e-4 and after the full T1 differ by up to 5e-2.
+
+
+def test_ep_train_runs_on_mnist5k_without_data_dir(tmp_path):
+    """The bundled digits need no --data-dir: a tiny EP run of the mlp preset on 64 of them."""
+    import json
+    import os
+
+    from ep_kernels.app import train
+    rd = str(tmp_path / "run")
+    rc = train.main(["--dataset", "mnist5k", "--preset", "mlp", "--width", "0.25", "--limit-train", "64",
+                     "--limit-test", "40", "--batch-size", "32", "--T1", "5", "--T2", "3", "--threads", "1",
+                     "--no-progress", "--epochs", "1", "--run-dir", rd])
+    assert rc == 0
+    with open(os.path.join(rd, "config.json")) as f:
+        cfg = json.load(f)["config"]
+    assert cfg["dataset"] == "mnist5k" and cfg["data_dir"] is None
+    with open(os.path.join(rd, "metrics.json")) as f:
+        m = json.load(f)
+    assert m["status"] == "done" and 0.0 <= m["epochs"][-1]["test_acc"] <= 1.0
