@@ -98,10 +98,15 @@ def test_runner_recreated_when_parameters_are_replaced():
         net.readout.weight.mul_(0.5)  # in place: the same runner (a captured graph stays valid)
         cuda_graphs.nudged_phase(net, plan, x, y, None, s_star, betas, 3, gain, capture=False)
         assert list(runners.values()) == [r1]
+        # Runners are keyed by the storage a graph reads: keep the replaced weights alive, so
+        # that their addresses are not reused by the new ones (a reused address with the same
+        # shape is the same key, and rightly so: the graph reads that storage).
+        replaced = [net.readout.weight]
         net.readout.weight = torch.nn.Parameter(net.readout.weight.clone())  # replaced: a new one
         cuda_graphs.nudged_phase(net, plan, x, y, None, s_star, betas, 3, gain, capture=False)
         assert len(runners) == 2 and list(runners.values())[-1] is not r1
         for _ in range(5):  # keys that keep changing: at most 4 runners are kept
+            replaced.append(net.readout.weight)
             net.readout.weight = torch.nn.Parameter(net.readout.weight.clone())
             cuda_graphs.nudged_phase(net, plan, x, y, None, s_star, betas, 3, gain, capture=False)
         assert len(runners) == 4 and r1 not in runners.values()
