@@ -39,7 +39,8 @@ makes it; and they relax with the ``alternating`` schedule (``EPNetwork``), whic
 where synchronous updates oscillate.
 
 ``mnist_vgg6``'s initialisation, measured on batches of 32 real digits (mnist5k; table and
-levers in ``examples/results/mnist5k_convergence.txt``). The free phase of a 6-layer chain of
+levers: ``python examples/mnist5k_convergence.py``, which writes them to
+``examples/results/mnist5k_convergence.*``; not yet committed). The free phase of a 6-layer chain of
 symmetric couplings has two regimes, with a sharp edge between them, and the deep presets'
 "centred filters times 3" lies on the wrong side of it:
 
