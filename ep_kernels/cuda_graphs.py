@@ -35,7 +35,7 @@ import torch
 
 from ._backend import backend_for
 from ._context import ThreadLocalStack
-from .relaxation import STEPS, PhaseReport, check_residuals, make_nudge_fn, prepare_layers
+from .relaxation import STEPS, PhaseReport, check_residuals, make_nudge_fn, prepare_layers, start_states
 
 _settings = ThreadLocalStack()  # (enabled, capture) of the enclosing use_cuda_graphs blocks, this thread
 
@@ -252,8 +252,7 @@ def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=N
                      lambda: _PhaseRunner(layers, plan, n, gain, shapes, prepared, first_drive, capture=capture,
                                           schedule=schedule))
     runner.load(prepared, first_drive)
-    for i, b in enumerate(runner.bufs):
-        b.zero_() if init is None else b.copy_(init[i])
+    start_states(runner.bufs, init)
     return runner.run(T, tol, check_every, "free")
 
 

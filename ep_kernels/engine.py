@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from . import cuda_graphs
 from ._backend import use_backend
-from .relaxation import ACTIVATION_GAIN, PhaseReport, make_nudge_fn, prepare_layers, relax
+from .relaxation import ACTIVATION_GAIN, PhaseReport, make_nudge_fn, prepare_layers, relax, start_states
 
 
 @dataclass
@@ -32,8 +32,7 @@ def free_phase(layers, plan, x, T, gain, tol=None, check_every=10, first_drive=N
         return cuda_graphs.free_phase(layers, plan, x, T, gain, tol, check_every, first_drive, prepared,
                                       schedule=schedule, init=init)
     bufs, spare = plan.buffers(x.shape[0])
-    for i, b in enumerate(bufs):
-        b.zero_() if init is None else b.copy_(init[i])
+    start_states(bufs, init)
     return relax(layers, x, bufs, T, gain, first_drive=first_drive, tol=tol, check_every=check_every,
                  spare=spare, phase="free", prepared=prepared, schedule=schedule)
 
@@ -60,23 +59,20 @@ LOW_PRECISION_TOL = 1e-3
 
 
 class Precision:
-    """The weights and first-layer drive of one call, in the compute dtype and, when that is
-    a lower precision, in the parameters' dtype too (for the final stage of each phase)."""
+    """The stages of every phase of one call, each as (prepared weights, first-layer drive,
+    tol): one stage in the parameters' dtype; with a lower compute dtype, one in it and, when
+    the phases stop at ``tol``, a final one in the parameters' dtype. Only the weights and
+    drives some stage uses are prepared."""
 
-    def __init__(self, layers, x, compute_dtype):
+    def __init__(self, layers, x, compute_dtype, tol):
         lower = compute_dtype is not None and compute_dtype != layers[0].weight.dtype
-        self.low = prepare_layers(layers, compute_dtype) if lower else None
-        self.full = prepare_layers(layers, None)
-        self.first_full = layers[0].drive(x, self.full[0])
-        self.first_low = layers[0].drive(x, self.low[0]) if self.low is not None else None
-
-    def stages(self, tol):
-        """(prepared, first drive, tol) per stage of a phase."""
-        if self.low is None:
-            return [(self.full, self.first_full, tol)]
-        if tol is None:  # fixed steps: all of them in the compute dtype
-            return [(self.low, self.first_low, None)]
-        return [(self.low, self.first_low, max(tol, LOW_PRECISION_TOL)), (self.full, self.first_full, tol)]
+        dtypes = [(None, tol)] if not lower else \
+            [(compute_dtype, None)] if tol is None else \
+            [(compute_dtype, max(tol, LOW_PRECISION_TOL)), (None, tol)]  # tol None: fixed steps, all low
+        self.stages = []
+        for dtype, stage_tol in dtypes:
+            prepared = prepare_layers(layers, dtype)
+            self.stages.append((prepared, layers[0].drive(x, prepared[0]), stage_tol))
 
 
 def doubled(first):
@@ -98,17 +94,17 @@ def in_stages(run, stages, T, start):
     return states, report
 
 
-def relax_free(net, plan, x, T, tol, check_every, precision, init=None):
+def relax_free(net, plan, x, T, check_every, precision, init=None):
     """The free phase of ``net`` (in stages, see ``Precision``); returns (s*, report)."""
     gain = ACTIVATION_GAIN[net.activation]
 
     def run(prepared, first, tol_, steps, start):
         return free_phase(net.layers, plan, x, steps, gain, tol_, check_every, first_drive=first, prepared=prepared,
                           schedule=net.schedule, init=start)
-    return in_stages(run, precision.stages(tol), T, init)
+    return in_stages(run, precision.stages, T, init)
 
 
-def relax_nudged(net, plan, x, y, teacher, s_start, betas, T, tol, check_every, precision, doubled_batch):
+def relax_nudged(net, plan, x, y, teacher, s_start, betas, T, check_every, precision, doubled_batch):
     """The nudged phase(s) of ``net`` from ``s_start`` (in stages); returns (states, report)."""
     gain = ACTIVATION_GAIN[net.activation]
 
@@ -116,7 +112,7 @@ def relax_nudged(net, plan, x, y, teacher, s_start, betas, T, tol, check_every, 
         first = doubled(first) if doubled_batch else first
         return nudged_phase(net, plan, x, y, teacher, start, betas, steps, gain, tol_, check_every, first_drive=first,
                             prepared=prepared, schedule=net.schedule)
-    return in_stages(run, precision.stages(tol), T, s_start)
+    return in_stages(run, precision.stages, T, s_start)
 
 
 def cost(mode, readout, s_last, y):
@@ -198,15 +194,15 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep
     teacher = resolve_teacher(net, teacher, x)
     grads_before = [[None if p.grad is None else p.grad.clone() for p in layer.parameters()] for layer in layers]
     with torch.no_grad():
-        precision = Precision(layers, x, net.compute_dtype)
-        s_free, free_rep = relax_free(net, plan, x, T1, tol, check_every, precision, init=free_init)
+        precision = Precision(layers, x, net.compute_dtype, tol)
+        s_free, free_rep = relax_free(net, plan, x, T1, check_every, precision, init=free_init)
         s_star = [s.clone() for s in s_free]
         if nudging == "symmetric":
             # +beta and -beta are independent: one phase on a batch of 2N.
             betas = torch.cat([torch.full((n,), beta, dtype=x.dtype, device=x.device),
                                torch.full((n,), -beta, dtype=x.dtype, device=x.device)])
             s_nud, nud_rep = relax_nudged(net, plan, torch.cat([x, x]), torch.cat([y, y]), _double_teacher(teacher),
-                                          [torch.cat([s, s]) for s in s_star], betas, T2, tol, check_every, precision,
+                                          [torch.cat([s, s]) for s in s_star], betas, T2, check_every, precision,
                                           doubled_batch=True)
             s_plus = [s[:n].clone() for s in s_nud]
             s_minus = [s[n:].clone() for s in s_nud]
@@ -217,7 +213,7 @@ def ep_backward(net, x, y, beta, T1, T2, nudging, tol=None, check_every=10, keep
             if nudging == "random-sign":
                 b = beta if torch.randint(0, 2, (1,)).item() == 1 else -beta
             betas = torch.full((n,), b, dtype=x.dtype, device=x.device)
-            s_nud, nud_rep = relax_nudged(net, plan, x, y, teacher, s_star, betas, T2, tol, check_every, precision,
+            s_nud, nud_rep = relax_nudged(net, plan, x, y, teacher, s_star, betas, T2, check_every, precision,
                                           doubled_batch=False)
             s_plus, s_minus = [s.clone() for s in s_nud], None
             contrastive_update(layers, x, s_plus, s_star, x, -1.0 / (b * n))

@@ -278,8 +278,8 @@ class EPNetwork(nn.Module):
         with self._call_lock, torch.no_grad():
             plan = self.plan_for(x)
             init = self._check_init(init, x, plan)
-            precision = engine.Precision(self.layers, x, self.compute_dtype)
-            states, rep = engine.relax_free(self, plan, x, T1, tol, self._check_every(x), precision, init=init)
+            precision = engine.Precision(self.layers, x, self.compute_dtype, tol)
+            states, rep = engine.relax_free(self, plan, x, T1, self._check_every(x), precision, init=init)
             return [s.clone() for s in states], rep
 
     def forward(self, x, T1=None):
@@ -315,7 +315,8 @@ class EPNetwork(nn.Module):
         if nudging not in relaxation.NUDGING:
             raise ValueError(f"nudging must be one of {relaxation.NUDGING}, got {nudging!r}")
         with self._call_lock:
-            free_init = self._check_init(free_init, x, self.plan_for(x))
+            if free_init is not None:
+                free_init = self._check_init(free_init, x, self.plan_for(x))
             return engine.ep_backward(self, x, y, beta, T1, T2, nudging, tol, self._check_every(x), keep_states,
                                       teacher, free_init)
 

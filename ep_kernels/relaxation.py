@@ -222,6 +222,12 @@ def relax(layers, x, states, steps, gain, *, first_drive=None, nudge_fn=None, to
     return states, PhaseReport(steps=t if steps > 0 else 0, residual=res, converged=converged)
 
 
+def start_states(bufs, init=None):
+    """Set a phase's state buffers to zeros, or to ``init`` (one tensor per layer)."""
+    for i, b in enumerate(bufs):
+        b.zero_() if init is None else b.copy_(init[i])
+
+
 def default_check_every(device):
     """Steps between convergence checks when none is given: every step on CPU, where reading
     the per-layer changes costs microseconds against a step's milliseconds, so a phase stops at

@@ -24,11 +24,10 @@ import sys
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ep_kernels import EPConv2d, EPNetwork
 from ep_kernels.app.data import load_dataset
-from ep_kernels.models import build_network
+from ep_kernels.models import build_network, operator_norm
 from ep_kernels.relaxation import ACTIVATION_GAIN, STEPS, prepare_layers
 
 TOL = 1e-4
@@ -43,19 +42,6 @@ ARCH = {
     "B": [(16, 2, 1), (32, 2, 1), (64, 1, 1), (64, 2, 1), (64, 1, 1), (64, 2, 1)],
     "P": [(16, 2, 2), (16, 2, 2), (32, 2, 2), (32, 2, 2), (64, 2, 2), (64, 2, 2)],
 }
-
-
-def conv_opnorm(weight, hw, padding=1, iters=100, seed=0):
-    """Operator norm (largest singular value) of the convolution by ``weight`` on hw x hw maps,
-    by power iteration with conv2d and its transpose."""
-    g = torch.Generator().manual_seed(seed)
-    v = torch.randn((1, weight.shape[1], hw, hw), generator=g, dtype=weight.dtype)
-    with torch.no_grad():
-        for _ in range(iters):
-            v = v / v.norm()
-            u = F.conv2d(v, weight, padding=padding)
-            v = F.conv_transpose2d(u, weight, padding=padding)
-    return float(u.norm())
 
 
 def candidate(arch="A", scale=1.0, centre=True, activation="hardsigmoid_half", schedule="alternating", bias=False,
@@ -87,7 +73,8 @@ def candidate(arch="A", scale=1.0, centre=True, activation="hardsigmoid_half", s
             if link is None:
                 l.weight.mul_(scale)
             else:
-                l.weight.mul_(first if i == 0 else link / (act_gain * conv_opnorm(l.weight, sizes[i], l.padding[0])))
+                norm = operator_norm(l, (l.in_channels, sizes[i], sizes[i])) if i > 0 else None
+                l.weight.mul_(first if i == 0 else link / (act_gain * norm))
             if bias == "first" or bias is True:
                 pass  # PyTorch's default biases where there are biases
             elif bias is False:

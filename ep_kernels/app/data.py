@@ -247,10 +247,13 @@ def shift_augment(x, generator, pad=1):
     return random_crop_flip(x, generator, pad, flip=False)
 
 
+def mnist_augment(x, generator):
+    """MNIST's usual augmentation: random shifts by up to 2 pixels."""
+    return shift_augment(x, generator, pad=2)
+
+
 # The usual training augmentation of each dataset, and whether it is on by default.
-AUGMENTATION = {"digits": shift_augment, "mnist5k": lambda x, g: shift_augment(x, g, pad=2),
-                "mnist": lambda x, g: shift_augment(x, g, pad=2),
-                "fashion-mnist": lambda x, g: shift_augment(x, g, pad=2), "cifar10": cifar_augment,
-                "cifar100": cifar_augment}
+AUGMENTATION = {"digits": shift_augment, "mnist5k": mnist_augment, "mnist": mnist_augment,
+                "fashion-mnist": mnist_augment, "cifar10": cifar_augment, "cifar100": cifar_augment}
 DEFAULT_AUGMENT = {"digits": True, "mnist5k": False, "mnist": False, "fashion-mnist": False, "cifar10": True,
                    "cifar100": True}
