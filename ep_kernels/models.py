@@ -88,8 +88,9 @@ of this layout learned from scratch in 150-300 steps (BPTT through 30-60 steps o
 fixed point; SGD 0.002-0.05, Adam 3e-4-1e-3), while the same weights learn as a feed-forward
 network (92.7% after 400 steps) or unrolled for 6 steps at lr 0.01 (89.7%); from
 feed-forward-trained weights EP and BPTT both fine-tune (89.6% and 87.1% after 100 steps).
-The layout's own ceiling by backprop was 94.7% (20 epochs, no augmentation). The preset is
-kept as it is until a trainable one is found.
+The layout's own ceiling by backprop was 94.7% (20 epochs, no augmentation). The preset
+itself learns at lr 0.01, slowly (EP 50.8% after 4 epochs; the 18% pilot ran at lr 0.05);
+it is kept as it is until a better one is found.
 
 Layers are named ``layers.<i>`` and ``readout`` (``EPNetwork``), which is what per-layer
 learning rates refer to.
