@@ -47,6 +47,27 @@ def test_conv_pool_drive_no_bias(gen):
     assert torch.equal(i, ri)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("dt", [torch.bfloat16, torch.float16])
+def test_conv_pool_drive_low_precision_geometry_that_crashed_onednn(backend, dt, gen):
+    """torch 2.13's oneDNN bfloat16 convolution segfaulted on an AMX CPU for this geometry (the
+    sanitizer's fuzz case; a 1-row input, stride 2, dilation 2): the drive now computes
+    low-precision convolutions in float32 and rounds once. Checked against float64."""
+    x = rand(gen, 1, 12, 3, 6, dtype=torch.float64, lo=-1)
+    weight = rand(gen, 30, 4, 3, 2, dtype=torch.float64, lo=-1)
+    bias = rand(gen, 30, dtype=torch.float64, lo=-1)
+    conv = dict(stride=2, padding=(3, 1), dilation=2, groups=3)
+    for h in (1, 3):  # the crashing 1-row input, and one whose output is not all padding
+        xl, wl, bl = x[:, :, :h].to(dt), weight.to(dt), bias.to(dt)
+        with use_backend(backend):
+            d, _ = ops.conv_pool_drive(xl, wl, bl, pool=1, **conv)
+        ref, _ = ops.conv_pool_drive_ref(xl.double(), wl.double(), bl.double(), pool=1, **conv)
+        assert d.dtype == dt
+        # float32 accumulation, one rounding to dt: within a few ulps of dt at the result's scale
+        eps = torch.finfo(dt).eps
+        assert float((d.double() - ref).abs().max()) <= 2 * eps * float(ref.abs().max()) + 1e-6
+
+
 @pytest.mark.parametrize("pool", [2, 3])
 def test_conv_pool_drive_ties_like_max_pool2d(pool, dtype, gen):
     """Exact ties: zero input + bias (every window position holds the bias, as at the first

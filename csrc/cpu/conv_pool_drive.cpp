@@ -27,7 +27,19 @@ std::tuple<at::Tensor, at::Tensor> conv_pool_drive_cpu(const at::Tensor& x, cons
   checks::conv_pool_drive(x, weight, bias, stride, padding, dilation, groups, pool);
   checks::on_device_type(kOp, x, "x", c10::DeviceType::CPU);
 
-  auto y = at::conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous();
+  at::Tensor y;
+  if (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) {
+    // In float32, rounded once: torch 2.13's oneDNN bfloat16 forward convolution segfaults on
+    // CPUs with AMX for some geometries (e.g. a 1x6 input, 3x2 kernel, stride 2, dilation 2),
+    // and oneDNN accumulates in float32 anyway (ep_kernels/ops/_common.py, conv2d).
+    c10::optional<at::Tensor> bias_f;
+    if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat);
+    y = at::conv2d(x.to(at::kFloat), weight.to(at::kFloat), bias_f, stride, padding, dilation, groups)
+            .to(x.scalar_type())
+            .contiguous();
+  } else {
+    y = at::conv2d(x, weight, bias, stride, padding, dilation, groups).contiguous();
+  }
   if (pool == 1) return {y, at::empty({0}, x.options().dtype(at::kLong))};
 
   const int64_t n = y.size(0), c = y.size(1), hc = y.size(2), wc = y.size(3);

@@ -8,6 +8,7 @@ gradient) have no autograd formula; their wrappers refuse inputs that require gr
 import torch
 import torch.nn.functional as F
 
+from ._common import conv2d
 from ._meta import conv_out_size as conv_output_size
 
 
@@ -57,7 +58,7 @@ def pool_conv_transpose_backward(ctx, grad_out):
     gs = gw = None
     if ctx.needs_input_grad[0]:
         # d/ds <g, W^T * U(s)> = P_idx(W * g): the convolution of g read at the argmax positions.
-        gu = F.conv2d(grad_out, weight, None, stride, padding, dilation, groups)
+        gu = conv2d(grad_out, weight, None, stride, padding, dilation, groups)
         gs = _gather_pooled(gu, indices, pool)
     if ctx.needs_input_grad[2]:
         u = _unpool(s, indices, pool, conv_out_size)

@@ -14,10 +14,10 @@ biased value is rounded to the storage type before comparing, as the reference c
 stored values.
 """
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..ops._common import conv2d
 from ._launch import cdiv, check_device, launch, tl_compute, tl_storage, to_storage
 
 BLOCK = 256
@@ -84,8 +84,8 @@ def conv_pool_drive(x, weight, bias, stride, padding, dilation, groups, pool):
     """Same contract as ``ep_kernels.ops.conv_pool_drive`` (arguments already checked)."""
     check_device(x)
     if pool == 1:
-        y = F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+        y = conv2d(x, weight, bias, stride, padding, dilation, groups)
         return y, torch.empty(0, dtype=torch.int64, device=x.device)
     fuse_bias = bias is not None and x.device.type == "cuda"
-    y = F.conv2d(x, weight, None if fuse_bias else bias, stride, padding, dilation, groups)
+    y = conv2d(x, weight, None if fuse_bias else bias, stride, padding, dilation, groups)
     return pool_argmax(y, bias if fuse_bias else None, pool)
