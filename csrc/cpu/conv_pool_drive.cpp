@@ -31,7 +31,7 @@ std::tuple<at::Tensor, at::Tensor> conv_pool_drive_cpu(const at::Tensor& x, cons
   if (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf) {
     // In float32, rounded once: torch 2.13's oneDNN bfloat16 forward convolution segfaults on
     // CPUs with AMX for some geometries (e.g. a 1x6 input, 3x2 kernel, stride 2, dilation 2),
-    // and oneDNN accumulates in float32 anyway (ep_kernels/ops/_common.py, conv2d).
+    // and oneDNN accumulates in float32 anyway (ep_kernels/_conv.py).
     c10::optional<at::Tensor> bias_f;
     if (bias.has_value() && bias->defined()) bias_f = bias->to(at::kFloat);
     y = at::conv2d(x.to(at::kFloat), weight.to(at::kFloat), bias_f, stride, padding, dilation, groups)

@@ -8,7 +8,7 @@ gradient) have no autograd formula; their wrappers refuse inputs that require gr
 import torch
 import torch.nn.functional as F
 
-from ._common import conv2d
+from .._conv import conv2d
 from ._meta import conv_out_size as conv_output_size
 
 

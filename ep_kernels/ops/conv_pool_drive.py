@@ -8,7 +8,8 @@ an empty int64 tensor.
 import torch
 import torch.nn.functional as F
 
-from ._common import conv2d, pair, run
+from .._conv import conv2d
+from ._common import pair, run
 from ._meta import conv_pool_drive_meta
 
 

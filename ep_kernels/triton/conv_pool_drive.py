@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops._common import conv2d
+from .._conv import conv2d
 from ._launch import cdiv, check_device, launch, tl_compute, tl_storage, to_storage
 
 BLOCK = 256
