@@ -89,7 +89,8 @@ fixed point; SGD 0.002-0.05, Adam 3e-4-1e-3), while the same weights learn as a 
 network (92.7% after 400 steps) or unrolled for 6 steps at lr 0.01 (89.7%); from
 feed-forward-trained weights EP and BPTT both fine-tune (89.6% and 87.1% after 100 steps).
 The layout's own ceiling by backprop was 94.7% (20 epochs, no augmentation). The preset
-itself learns at lr 0.01, slowly (EP 50.8% after 4 epochs; the 18% pilot ran at lr 0.05);
+itself learns at lr 0.01, slowly (EP 50.8% after 4 epochs, 81.5% after 9 in 29 minutes;
+the 18% pilot ran at lr 0.05);
 it is kept as it is until a better one is found.
 
 Layers are named ``layers.<i>`` and ``readout`` (``EPNetwork``), which is what per-layer
