@@ -37,7 +37,9 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import mnist5k_convergence as mc  # noqa: E402
+from ep_kernels.app.config import parse_lrs  # noqa: E402
 from ep_kernels.app.data import load_dataset  # noqa: E402
+from ep_kernels.teacher import Teacher  # noqa: E402
 
 
 def build(a):
@@ -58,14 +60,6 @@ def build(a):
                 layer.bias.fill_(a.bias)
     net.T1, net.T2, net.beta, net.tol = a.T1, a.T2, a.beta, a.tol
     return net
-
-
-def feedforward_logits(net, x):
-    """The EP network's weights as a feed-forward network (no top-down feedback)."""
-    for layer in net.layers:
-        x = F.max_pool2d(F.conv2d(x, layer.weight, layer.bias, **layer.conv_args()), layer.pool)
-        x = (mc.ACTIVATION_GAIN[net.activation] * x).clamp(0, 1)
-    return net.readout(x.flatten(1))
 
 
 def show(tag, net, x):
@@ -100,13 +94,16 @@ def probe(net, d, n_train=2000):
 
 
 def train(net, d, algo, steps, opt_name, lr, a):
-    """``steps`` minibatches of ``algo``; the held-out accuracy every ``a.every`` steps."""
-    groups = [{"params": list(m.parameters())} for m in list(net.layers) + [net.readout]]
-    if isinstance(lr, (list, tuple)):  # one per layer, then the readout
-        for g_, v in zip(groups, lr):
-            g_["lr"] = v
-        lr = lr[-1]
-    opt = (torch.optim.Adam(groups, lr=lr) if opt_name == "adam" else torch.optim.SGD(groups, lr=lr, momentum=0.9))
+    """``steps`` minibatches of ``algo``; the held-out accuracy every ``a.every`` steps. ``lr``: one
+    rate, or one per layer then the readout. ``"feedforward"`` trains the EP network's own
+    modules as the library's feed-forward ``Teacher`` (no top-down feedback)."""
+    modules = list(net.layers) + [net.readout]
+    if len(lr) not in (1, len(modules)):
+        raise SystemExit(f"--lr: give 1 rate or {len(modules)} (one per layer, then the readout), got {len(lr)}")
+    lr = lr * len(modules) if len(lr) == 1 else lr
+    groups = [{"params": list(m.parameters()), "lr": v} for m, v in zip(modules, lr)]
+    opt = torch.optim.Adam(groups) if opt_name == "adam" else torch.optim.SGD(groups, lr=lr[0], momentum=0.9)
+    feedforward = Teacher(net.layers, net.readout, net.activation)  # shares the parameters
     g = torch.Generator().manual_seed(a.seed)
     t0, losses = time.time(), []
     for k in range(steps):
@@ -114,7 +111,7 @@ def train(net, d, algo, steps, opt_name, lr, a):
         x, y = d.x_train[idx], d.y_train[idx]
         opt.zero_grad()
         if algo == "feedforward":
-            loss = F.cross_entropy(feedforward_logits(net, x), y)
+            loss = F.cross_entropy(feedforward(x), y)
             loss.backward()
         else:
             loss = (net.bptt_backward(x, y) if algo == "bptt" else net.ep_backward(x, y)).loss
@@ -122,7 +119,7 @@ def train(net, d, algo, steps, opt_name, lr, a):
         opt.step()
         if (k + 1) % a.every == 0:
             with torch.no_grad():
-                logits = feedforward_logits(net, d.x_test) if algo == "feedforward" else net(d.x_test, T1=a.eval_T)
+                logits = feedforward(d.x_test) if algo == "feedforward" else net(d.x_test, T1=a.eval_T)
             acc = float((logits.argmax(1) == d.y_test).float().mean())
             print(f"{algo} step {k + 1} train loss {sum(losses[-a.every:]) / a.every:.3f} test {acc:.3f} "
                   f"{time.time() - t0:.0f}s", flush=True)
@@ -147,14 +144,14 @@ def main(argv=None):
                    help="stop EP phases and evaluation at this residual (T1, T2, --eval-T as caps)")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--opt", default="adam", choices=("adam", "sgd"))
-    p.add_argument("--lr", type=lambda t: [float(v) for v in t.split(",")] if "," in t else float(t), default=1e-3,
+    p.add_argument("--lr", type=parse_lrs, default=[1e-3],
                    help="one rate, or one per layer then the readout (comma-separated)")
     p.add_argument("--eval-T", type=int, default=150)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--probe", action="store_true")
     p.add_argument("--pretrain-ff", type=int, default=0, metavar="N",
                    help="first N feed-forward SGD steps (--pretrain-lr) on the same weights")
-    p.add_argument("--pretrain-lr", type=float, default=0.05)
+    p.add_argument("--pretrain-lr", type=parse_lrs, default=[0.05])
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     a = p.parse_args(argv)
