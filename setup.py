@@ -74,6 +74,8 @@ def ahead_of_time(_build):
             for e in self.extensions:
                 e.include_dirs = list(e.include_dirs) + [d for d in spec.cuda_include_dirs if d not in e.include_dirs]
             super().build_extensions()
+            for e in self.extensions:
+                _build.check_links_shared_libstdcxx(self.get_ext_fullpath(e.name))
 
     write_build_info(torch, spec)
     return [ext], {"build_ext": BuildExt}

@@ -164,14 +164,28 @@ def check_ops(backend, dtype, dev, cases):
 def sec_ops(args, dev, backends):
     from ep_kernels import testing
 
+    names = [d for d in args.op_dtypes.split(",") if d]
+    bad = sorted(set(names) - {"float32", "float64", "bfloat16"})
+    if bad:
+        raise ValueError(f"--op-dtypes: unknown dtype(s) {bad}; choose from float32, float64, bfloat16")
+    dtypes = [getattr(torch, d) for d in names]
     cases = testing.CONV_CASES[:3] if DRY else testing.CONV_CASES + testing.VGG5_CASES
     old = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # exact float32 references
     out = {"backends": backends, "results": {}, "failures": []}
+    # Triton compiles a kernel per shape specialisation on first use: its float32 rows took 214 s
+    # on the H200 (2026-12-04; CUDA's three dtypes 5 s). Past 60% of the time budget the
+    # remaining (backend, dtype) groups are skipped, and the run says so (it does not pass).
+    ops_end = T_START + 0.6 * args.time_budget
     try:
         for backend in backends:
-            for dtype in (torch.float32, torch.float64, torch.bfloat16):
+            for dtype in dtypes:
                 key = f"{backend}/{str(dtype).replace('torch.', '')}"
+                if time.time() > ops_end and not DRY:
+                    out.setdefault("skipped_for_time", []).append(key)
+                    FAILED_ROWS.append(f"ops {key}: skipped (time budget)")
+                    log(f"   {key}: skipped (time budget)")
+                    continue
                 rows = check_ops(backend, dtype, dev, cases)
                 out["results"][key] = rows
                 bad = [r for r in rows if not r["ok"]]
@@ -220,9 +234,16 @@ def sec_gradcheck(args, dev, backends):
                         "residual_free": max(rep["residual"]["free"]), "seconds": round(time.time() - t0, 2)}
         log(f"   {backend}: min cosine {out[backend]['min_cosine']:.6f}, max relerr {out[backend]['max_relerr']:.2e} "
             f"({out[backend]['seconds']} s)")
-        # float64 EP against BPTT at beta 1e-3 after T1 steps: the dry run's few steps leave the phases unconverged
-        if not DRY and out[backend]["min_cosine"] < 0.9999:
-            FAILED_ROWS.append(f"gradcheck {backend}: min cosine {out[backend]['min_cosine']:.6f} < 0.9999")
+        # The kernels' check: each backend's float64 EP gradient has the reference backend's
+        # cosines to BPTT. Not an absolute bar: on this max-pooled network EP at beta 1e-3 has
+        # cosine 0.99805 to BPTT with both phases converged (residual 6e-17), the same on CPU
+        # (measured 2026-12-04; T2 60, 200 and 400 alike), a property of the setting, not of a kernel.
+        if backend != "reference":
+            ref_cos = out["reference"]["cosine"]
+            worst = max(abs(cos[k] - ref_cos[k]) for k in cos)
+            out[backend]["max_cosine_diff_to_reference"] = worst
+            if worst > 1e-9:
+                FAILED_ROWS.append(f"gradcheck {backend}: cosines to BPTT differ from the reference backend's by {worst:.1e}")
     # TF32 (the default of torch's convolutions, followed by the Triton kernels): its effect on the
     # float32 EP gradient's agreement with BPTT, measured before it may stay a default
     if dev.type == "cuda":
@@ -245,6 +266,10 @@ def sec_gradcheck(args, dev, backends):
 # --------------------------------------------------------------------------------------------
 # 4. CUDA graphs against the eager path
 # --------------------------------------------------------------------------------------------
+
+GRAPH_STATE_ATOL = 1e-14  # float64 states of order 1: a few ulps
+GRAPH_GRAD_RTOL = 1e-9     # the gradient divides state differences by beta (0.2): amplified
+
 
 def sec_graphs(args, dev, backends):
     from ep_kernels import cuda_graphs, use_backend
@@ -269,11 +294,15 @@ def sec_graphs(args, dev, backends):
                                            for a, b in zip(st[ph], e_states[ph])),
                 "grads_max_rel_diff": max(((gr[k] - e_grads[k]).norm() / e_grads[k].norm().clamp_min(1e-300)).item()
                                           for k in e_grads),
-                "steps_equal": res[mode][0].diagnostics["free"] == res["eager"][0].diagnostics["free"]}
+                "steps_equal": all(res[mode][0].diagnostics[ph]["steps"] == res["eager"][0].diagnostics[ph]["steps"]
+                                   for ph in ("free", "nudged"))}
         out[backend] = row
         log(f"   {backend}: {row}")
-        for mode, r in row.items():  # the same kernels on the same addresses: bitwise
-            if r["states_max_abs_diff"] != 0 or r["grads_max_rel_diff"] != 0 or not r["steps_equal"]:
+        # Not bitwise: cuDNN's convolutions differ by an ulp between captured and eager launches
+        # (measured on an H200, float64: states 5.6e-17 apart, gradients 5e-12 relative).
+        for mode, r in row.items():
+            if r["states_max_abs_diff"] > GRAPH_STATE_ATOL or r["grads_max_rel_diff"] > GRAPH_GRAD_RTOL \
+                    or not r["steps_equal"]:
                 FAILED_ROWS.append(f"graphs {backend}/{mode}: {r}")
     return out
 
@@ -464,6 +493,10 @@ def main(argv=None):
     p.add_argument("--time-budget", type=float, default=200.0,
                    help="seconds after which remaining timings are skipped (the script must end in time)")
     p.add_argument("--only", default="env,ops,gradcheck,graphs,timing")
+    p.add_argument("--backends", default="",
+                   help="GPU backends to check and time, e.g. 'cuda' (default: every one available); "
+                        "one named here but not available fails the run")
+    p.add_argument("--op-dtypes", default="float32,float64,bfloat16", help="dtypes of the ops section")
     p.add_argument("--cpu-dry-run", action="store_true", help="tiny shapes on CPU (Triton interpreted): checks the script")
     args = p.parse_args(argv)
     if args.cpu_dry_run:  # take the engine's CUDA-graph hook on CPU too (the runner then runs eagerly)
@@ -479,8 +512,14 @@ def main(argv=None):
     else:
         from ep_kernels import _backend
 
-        backends = [b for b in ("triton", "cuda") if (b == "triton" and _backend.triton_installed())
+        wanted = [b for b in args.backends.split(",") if b] or ["cuda", "triton"]  # the fast one first
+        unknown = sorted(set(wanted) - {"triton", "cuda"})
+        if unknown:
+            p.error(f"--backends: unknown backend(s) {unknown}; choose from triton, cuda")
+        backends = [b for b in wanted if (b == "triton" and _backend.triton_installed())
                     or (b == "cuda" and dev.type == "cuda" and _backend.cuda_kernels_available())]
+        for b in sorted(set(wanted) - set(backends)) if args.backends else []:
+            FAILED_ROWS.append(f"backend {b} asked for but not available")
         only = set(args.only.split(","))
         if "env" in only:
             run_section("env", sec_env, args, dev)

@@ -30,8 +30,12 @@ fi
 [ -n "${CUDA_HOME:-}" ] && export PATH="$CUDA_HOME/bin:$PATH"
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-$(python3 -c 'import torch; c = torch.cuda.get_device_capability() if torch.cuda.is_available() else (9, 0); print(f"{c[0]}.{c[1]}")')}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+# The GPU machines' $CXX (/opt/gcc/bin/g++) links libstdc++ statically: the build refuses that
+# library (it crashed at its first formatted message; ep_kernels/_build.py). The system's g++ is right.
+if [ -z "${EP_GPU_CHECK_CXX:-}" ] && [ -x /usr/bin/g++ ]; then EP_GPU_CHECK_CXX=/usr/bin/g++; fi
+[ -n "${EP_GPU_CHECK_CXX:-}" ] && export CXX="$EP_GPU_CHECK_CXX"
 python3 -c "import ninja" 2>/dev/null || echo "gpu_check: warning: the ninja package is missing (pip install ninja): the build will be slow"
-echo "gpu_check: building (CUDA_HOME=${CUDA_HOME:-none}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
+echo "gpu_check: building (CXX=${CXX:-unset}, CUDA_HOME=${CUDA_HOME:-none}, TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST, MAX_JOBS=$MAX_JOBS)"
 timeout 200 python3 setup.py build_ext --inplace > "$LOG" 2>&1
 BUILD_RC=$?
 grep -E "^ep_kernels:" "$LOG" || true

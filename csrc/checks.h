@@ -137,11 +137,14 @@ inline void state_size(const char* op, const at::Tensor& s, const char* name, at
 
 inline void given_conv_out_size(const char* op, at::IntArrayRef conv_out, int64_t h, int64_t w,
                                 const at::Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
-                                at::IntArrayRef dilation, const std::string& what) {
+                                at::IntArrayRef dilation, const char* what, bool with_size) {
+  // The message is built only on failure (TORCH_CHECK formats lazily): checks run on every call.
   int_pair(op, conv_out, "conv_out_size", 0);
   const auto want = conv_out_size(h, w, weight.size(2), weight.size(3), stride, padding, dilation);
   TORCH_CHECK_VALUE(conv_out[0] == want[0] && conv_out[1] == want[1], op, ": conv_out_size ", conv_out,
-                    " does not match the convolution of ", what, " (which gives [", want[0], ", ", want[1], "])");
+                    " does not match the convolution of ", what,
+                    with_size ? c10::str(" of size [", h, ", ", w, "]") : std::string(),
+                    " (which gives [", want[0], ", ", want[1], "])");
 }
 
 // ---- the ops ------------------------------------------------------------------------------
@@ -180,8 +183,8 @@ inline void pool_conv_transpose(const at::Tensor& s, const at::Tensor& indices, 
                     weight.size(0), " output channels");
   weight_for(op, weight, weight.size(1) * groups, "the input", groups);
   int_pair(op, input_size, "input_size", 1);
-  given_conv_out_size(op, conv_out, input_size[0], input_size[1], weight, stride, padding, dilation,
-                      c10::str("an input of size [", input_size[0], ", ", input_size[1], "]"));
+  given_conv_out_size(op, conv_out, input_size[0], input_size[1], weight, stride, padding, dilation, "an input",
+                      true);
   state_size(op, s, "s", conv_out, pool);
   if (pool > 1) index_tensor(op, indices, "indices", s, "s");
 }
@@ -252,7 +255,7 @@ inline void contrastive_conv_grad(const at::Tensor& x_a, const at::Tensor& s_a, 
   weight_for(op, grad_weight, x_a.size(1), "x_a", groups);
   TORCH_CHECK_VALUE(s_a.size(1) == grad_weight.size(0), op, ": s_a has ", s_a.size(1),
                     " channels but grad_weight has ", grad_weight.size(0), " output channels");
-  given_conv_out_size(op, conv_out, x_a.size(2), x_a.size(3), grad_weight, stride, padding, dilation, "x_a");
+  given_conv_out_size(op, conv_out, x_a.size(2), x_a.size(3), grad_weight, stride, padding, dilation, "x_a", false);
   state_size(op, s_a, "s_a", conv_out, pool);
   if (pool > 1) {
     index_tensor(op, idx_a, "idx_a", s_a, "s_a");

