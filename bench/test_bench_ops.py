@@ -108,3 +108,32 @@ def test_contrastive_conv_grad(benchmark, layer, impl):
     _run(benchmark, "contrastive_conv_grad", layer, impl,
          lambda: ops.contrastive_conv_grad(d["x_a"], d["s_a"], d["i_a"], d["x_b"], d["s_b"], d["i_b"], d["hc"],
                                            c["stride"], c["padding"], c["dilation"], c["groups"], 2, -0.5, gw, gb))
+
+
+CONV_LAYOUTS = ["nchw", "nhwc with conversions", "nhwc"]
+
+
+@pytest.mark.parametrize("layout", CONV_LAYOUTS)
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_conv_layout(benchmark, layer, layout):
+    """The channels_last (NHWC) lever of issue 13 on its own: ATen's float32 convolution of each
+    layer in NCHW (the baseline, what the drive runs), in NHWC with the input converted in and
+    the output back (what the NCHW kernels around it would need), and in NHWC alone (the bound
+    for a pipeline whose every kernel is NHWC)."""
+    d = _layer(layer)
+    c = d["conv"]
+    x, w, b = d["x_a"], d["w"], d["b"]
+    cl = torch.channels_last
+    w_cl, x_cl = w.contiguous(memory_format=cl), x.contiguous(memory_format=cl)
+    conv = torch.nn.functional.conv2d
+    fns = {
+        "nchw": lambda: conv(x, w, b, c["stride"], c["padding"], c["dilation"], c["groups"]),
+        "nhwc with conversions": lambda: conv(x.contiguous(memory_format=cl), w_cl, b, c["stride"], c["padding"],
+                                              c["dilation"], c["groups"]).contiguous(),
+        "nhwc": lambda: conv(x_cl, w_cl, b, c["stride"], c["padding"], c["dilation"], c["groups"]),
+    }
+    torch.testing.assert_close(fns[layout]().contiguous(), fns["nchw"](), rtol=1e-4, atol=1e-4)
+    benchmark.group = f"conv layout {layer}"
+    benchmark.name = f"conv[{layout}]"
+    benchmark.extra_info.update(op="conv2d", layer=layer, impl=layout, baseline=(layout == "nchw"))
+    benchmark.pedantic(fns[layout], rounds=ROUNDS, warmup_rounds=1, iterations=1)
