@@ -8,7 +8,8 @@ the published cross-entropy recipe (beta 1.0, symmetric nudging), at two operati
 - ``x2``: the same weights and biases times 2, a stand-in for trained, more strongly coupled
   weights (the phases need hundreds of steps);
 - ``trained``: the same network trained by EP for 300 steps on the 40 images, with
-  augmentation (``bench/train_vgg5_samples.py`` makes the weights; skipped without them). Its
+  augmentation (``bench/train_vgg5_samples.py``, run first when its weights are missing: 47
+  minutes on 2 cores; the quick run trains its narrow network for 20 steps instead). Its
   fixed-step recipe is the fewest steps whose gradient reaches cosine 0.99 to its own EP*,
   searched on a grid with this library's fixed-step path (the same synchronous dynamics as
   autograd of Phi) and kept beside the weights.
@@ -62,7 +63,9 @@ POINTS = {
     "trained": (1.0, (None, None), (1500, 1000)),
 }
 _FIXED = {}  # point -> the searched fixed-step recipe
-TRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "vgg5_samples_trained.pt")
+TRAINED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                       "vgg5_samples_trained_quick.pt" if QUICK else "vgg5_samples_trained.pt")
+TRAIN_ARGS = ["--width", "0.0625", "--steps", "20", "--save-every", "10"] if QUICK else []
 # (T1, T2) tried in order for the trained point's fixed-step recipe: the first whose gradient has
 # cosine >= 0.99 to its own EP* is the one autograd of Phi and our fixed path run
 FIXED_GRID = [(50, 25), (100, 50), (150, 75), (200, 100), (300, 150), (400, 200), (600, 300), (800, 400)]
@@ -75,8 +78,10 @@ def _setup(point):
         scale = POINTS[point][0]
         net = testing.vgg5(width=1 / 16 if QUICK else 1.0, seed=0)
         if point == "trained":
-            if QUICK or not os.path.exists(TRAINED):
-                pytest.skip(f"no trained weights: run python bench/train_vgg5_samples.py (they go to {TRAINED})")
+            if not os.path.exists(TRAINED):
+                import train_vgg5_samples
+                print(f"\nno trained weights in {TRAINED}: training them (bench/train_vgg5_samples.py)", flush=True)
+                train_vgg5_samples.main(TRAIN_ARGS + ["--out", TRAINED])
             net.load_state_dict(torch.load(TRAINED, weights_only=False)["net"])
         with torch.no_grad():
             for layer in net.layers:

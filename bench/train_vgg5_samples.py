@@ -43,10 +43,11 @@ def main(argv=None):
     p.add_argument("--lr", default="0.25,0.15,0.1,0.08,0.05", help="one per layer and the readout")
     p.add_argument("--save-every", type=int, default=25)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--width", type=float, default=1.0, help="channel multiplier (the benchmark's quick run: 1/16)")
     p.add_argument("--out", default=DEFAULT_OUT)
     args = p.parse_args(argv)
     lrs = [float(v) for v in args.lr.split(",")]
-    net = testing.vgg5(seed=0)
+    net = testing.vgg5(width=args.width, seed=0)
     net.schedule = "alternating"
     groups = [list(layer.parameters()) for layer in net.layers] + [list(net.readout.parameters())]
     if len(lrs) != len(groups):
